@@ -1,0 +1,27 @@
+"""Per-target schedules: kernel generators for the KV pool and schedule rules for the Relax graph."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from tvm.target import Target
+
+
+def attention_kernels(target: Target) -> ModuleType:
+    """The module providing ``kv_append`` and ``paged_attention`` kernel generators for ``target``."""
+    kind = target.kind.name
+    if kind == "llvm":
+        from . import cpu_attention
+
+        return cpu_attention
+    raise NotImplementedError(f"no attention kernels for target kind {kind!r} yet")
+
+
+def relax_pipeline(target: Target):
+    """The Relax compilation pipeline (fusion plus this project's schedule rules) for ``target``."""
+    kind = target.kind.name
+    if kind == "llvm":
+        from . import cpu
+
+        return cpu.pipeline(target)
+    raise NotImplementedError(f"no schedules for target kind {kind!r} yet")

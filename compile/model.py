@@ -1,0 +1,189 @@
+"""One Llama-family model (Llama, Qwen2, Mistral) in ``tvm.relax.frontend.nn``, on the project's paged KV pool.
+
+The families differ only by ``ModelConfig`` (qkv bias, tied embeddings, RoPE scaling). Linear weights are
+stored ``[in_features, out_features]`` so that CPU matmuls read them without a transpose.
+
+Exported functions (all take the token embeddings of a ragged batch, ``n`` tokens over ``batch`` rows):
+
+- ``embed(input_ids[n]) -> embeds[n, hidden]``
+- ``prefill(embeds, <batch>, logit_rows[batch], pool) -> (logits[batch, vocab], pool)``: chunked, ragged
+  prefill; logits only at ``logit_rows`` (each sequence's last token of the chunk).
+- ``decode(embeds, <batch>, pool) -> (logits[n, vocab], pool)``: one token per sequence, the plain baseline.
+- ``verify(embeds, <batch>, pool) -> (logits[n, vocab], pool)``: ``gamma + 1`` tokens per sequence.
+- ``draft(embeds, <batch>, <sparse view>, pool) -> (logits[n, vocab], pool)``: attends through the sparse view.
+
+``<batch>`` is ``token_slots[n], token_seq[n], token_pos[n], page_table[batch, max_pages]`` (see ``attention``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.target import Target
+
+from .attention import PAGE_SIZE, AttentionBatch, SparseView, append_kv, attention
+from .config import ModelConfig
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies in float32, computed as Hugging Face does (with Llama-3 scaling)."""
+    d = cfg.head_dim
+    inv = (1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))).astype(np.float32)
+    s = cfg.rope_scaling
+    if s:
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_ctx = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old_ctx / low, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def apply_rope(qkv: Tensor, positions: Tensor, inv_freq: Tensor, num_rotated_heads: int) -> Tensor:
+    """Rotate the first ``num_rotated_heads`` heads of ``qkv[n, heads, head_dim]`` (Llama half rotation)."""
+
+    def compute(x: te.Tensor, pos: te.Tensor, freq: te.Tensor):
+        half = x.shape[2] // 2
+
+        def f(t, h, d):
+            angle = tirx.Cast("float32", pos[t]) * freq[d % half]
+            partner = tirx.if_then_else(d < half, -x[t, h, d + half], x[t, h, d - half])
+            rotated = x[t, h, d] * tirx.cos(angle).astype(x.dtype) + partner * tirx.sin(angle).astype(x.dtype)
+            return tirx.if_then_else(h < num_rotated_heads, rotated, x[t, h, d])
+
+        return te.compute(x.shape, f, name="rope")
+
+    return op.tensor_expr_op(compute, "rope", args=[qkv, positions, inv_freq])
+
+
+class Linear(nn.Module):
+    """``y = x @ W + b`` with ``W`` stored ``[in_features, out_features]``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        self.weight = nn.Parameter((in_features, out_features))
+        self.bias = nn.Parameter((out_features,)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = op.matmul(x, self.weight)
+        return y + self.bias if self.bias is not None else y
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        qkv_width = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        self.qkv_proj = Linear(cfg.hidden_size, qkv_width, bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+
+    def forward(self, x, pool, batch: AttentionBatch, inv_freq, layer: int, target: Target):
+        c = self.cfg
+        hq, hkv, d = c.num_heads, c.num_kv_heads, c.head_dim
+        n = x.shape[0]
+        qkv = op.reshape(self.qkv_proj(x), (n, hq + 2 * hkv, d))
+        qkv = apply_rope(qkv, batch.token_pos, inv_freq, hq + hkv)
+        q, k, v = op.split(qkv, [hq, hq + hkv], axis=1)
+        pool = append_kv(pool, k, v, batch, layer, target)
+        out = attention(q, pool, batch, layer, hkv, target)
+        return self.o_proj(op.reshape(out, (n, hq * d))), pool
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(op.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+
+    def forward(self, h, pool, batch, inv_freq, layer: int, target: Target):
+        a, pool = self.self_attn(self.input_layernorm(h), pool, batch, inv_freq, layer, target)
+        h = h + a
+        return h + self.mlp(self.post_attention_layernorm(h)), pool
+
+
+class LlamaModel(nn.Module):
+    """The whole decoder; ``lm_head`` is its own (transposed) parameter even when embeddings are tied."""
+
+    def __init__(self, cfg: ModelConfig, target: Target, dtype: str = "float32"):
+        self.cfg, self.target, self.dtype = cfg, target, dtype
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_layers)])
+        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+
+    def _hidden(self, embeds: Tensor, pool: Tensor, batch: AttentionBatch):
+        inv_freq = Tensor.from_const(rope_inv_freq(self.cfg))
+        h = embeds
+        for i, layer in enumerate(self.layers):
+            h, pool = layer(h, pool, batch, inv_freq, i, self.target)
+        return h, pool
+
+    def _logits(self, h: Tensor) -> Tensor:
+        logits = self.lm_head(self.norm(h))
+        return logits if logits.dtype == "float32" else logits.astype("float32")
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.embed_tokens(input_ids)
+
+    def prefill(self, embeds, token_slots, token_seq, token_pos, page_table, logit_rows, pool):
+        h, pool = self._hidden(embeds, pool, AttentionBatch(token_slots, token_seq, token_pos, page_table))
+        return self._logits(op.take(h, logit_rows, axis=0)), pool
+
+    def decode(self, embeds, token_slots, token_seq, token_pos, page_table, pool):
+        h, pool = self._hidden(embeds, pool, AttentionBatch(token_slots, token_seq, token_pos, page_table))
+        return self._logits(h), pool
+
+    verify = decode  # same graph; exported under its own name with the verify shapes
+
+    def draft(self, embeds, token_slots, token_seq, token_pos, page_table, static_pos, static_len, window_start,
+              pool):
+        view = SparseView(static_pos, static_len, window_start)
+        batch = AttentionBatch(token_slots, token_seq, token_pos, page_table, view)
+        h, pool = self._hidden(embeds, pool, batch)
+        return self._logits(h), pool
+
+    def pool_shape(self) -> list:
+        c = self.cfg
+        return [c.num_layers, "num_pages", 2, c.num_kv_heads, PAGE_SIZE, c.head_dim]
+
+    def get_spec(self) -> nn.spec.ModuleSpec:
+        c = self.cfg
+        i32 = "int32"
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        pool = nn.spec.Tensor(self.pool_shape(), self.dtype)
+        batch = {
+            "embeds": nn.spec.Tensor(["n", c.hidden_size], self.dtype),
+            "token_slots": nn.spec.Tensor(["n"], i32),
+            "token_seq": nn.spec.Tensor(["n"], i32),
+            "token_pos": nn.spec.Tensor(["n"], i32),
+            "page_table": nn.spec.Tensor(["batch", "max_pages"], i32),
+        }
+        view = {
+            "static_pos": nn.spec.Tensor(["batch", c.num_layers, c.num_kv_heads, "max_static"], i32),
+            "static_len": nn.spec.Tensor(["batch"], i32),
+            "window_start": nn.spec.Tensor(["batch"], i32),
+        }
+        return {
+            "embed": {"input_ids": nn.spec.Tensor(["n"], i32), "$": packed},
+            "prefill": {**batch, "logit_rows": nn.spec.Tensor(["batch"], i32), "pool": pool, "$": packed},
+            "decode": {**batch, "pool": pool, "$": packed},
+            "verify": {**batch, "pool": pool, "$": packed},
+            "draft": {**batch, **view, "pool": pool, "$": packed},
+        }

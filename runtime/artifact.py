@@ -1,0 +1,87 @@
+"""Loading a compiled artifact: validate it, load the library and weights onto the device."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import tvm
+from tokenizers import Tokenizer
+from tvm import relax
+from tvm.contrib import tvmjs
+
+from ..compile.config import ModelConfig
+from ..compile.targets import TargetError, device_from_string
+
+CONFIG_NAME = "mlc-magicdec-config.json"
+
+
+class ArtifactError(ValueError):
+    """An artifact folder that cannot be used; the message is one line and says what to do."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclasses.dataclass
+class Artifact:
+    """A loaded artifact: config, VM functions, parameters on the device and the tokenizer."""
+
+    path: Path
+    config: dict[str, Any]
+    model: ModelConfig
+    device: tvm.runtime.Device
+    vm: relax.VirtualMachine
+    params: list[tvm.runtime.Tensor]
+    tokenizer: Tokenizer
+
+    @property
+    def dtype(self) -> str:
+        return self.config["dtype"]
+
+    @classmethod
+    def load(cls, path: str | Path) -> Artifact:
+        """Load and validate the artifact folder ``path``; raises ArtifactError with a one-line message."""
+        path = Path(path)
+        cfg_path = path / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise ArtifactError(f"{path} is not an mlc-magicdec artifact (no {CONFIG_NAME}); "
+                                f"create one with `mlc-magicdec compile`")
+        try:
+            config = json.loads(cfg_path.read_text())
+            model = ModelConfig.from_dict(config["model"])
+            library = path / config["library"]
+            hashes = config["hashes"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ArtifactError(f"{cfg_path} is corrupt ({e}); compile the model again") from None
+        for name, file in (("library", library), ("weights", path / "tensor-cache.json")):
+            if not file.is_file():
+                raise ArtifactError(f"{file} is missing; compile the model again")
+            if _sha256(file) != hashes[name]:
+                raise ArtifactError(f"{file.name} does not match the artifact's recorded hash "
+                                    f"(library and weights come from different compiles); compile again")
+        try:
+            device = device_from_string(config["target"]["device"])
+        except TargetError as e:
+            raise ArtifactError(str(e)) from None
+        try:
+            vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), device)
+            cache, _ = tvmjs.load_tensor_cache(str(path), device)
+            params = [cache[name] for name in config["param_names"]]
+        except KeyError as e:
+            raise ArtifactError(f"weights lack parameter {e.args[0]!r}; compile the model again") from None
+        except Exception as e:  # noqa: BLE001 - TVM raises many kinds; report one line
+            raise ArtifactError(f"cannot load {path}: {' '.join(str(e).split())[:200]}") from None
+        try:
+            tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001
+            raise ArtifactError(f"cannot read {path / 'tokenizer.json'}: {e}") from None
+        return cls(path, config, model, device, vm, params, tokenizer)
