@@ -1,14 +1,17 @@
 """The KV pool and the one attention op with two views (dense and sparse).
 
-Storage: one tensor for the whole model, ``pool[num_layers, num_pages, 2, num_kv_heads, page_size, head_dim]``
-(index 0 of the third axis holds keys, 1 values). Keys are stored with RoPE already applied at their absolute
-positions, so any subset of them can be attended to without a fix-up. The runtime owns the page tables.
+Storage: one tensor for the whole model, ``pool[num_layers, num_pages, 2, num_kv_heads, page_size * head_dim]``
+(index 0 of the third axis holds keys, 1 values; how a page's values are laid out is the target kernels'
+choice, see ``schedules``). Keys are stored with RoPE already applied at their absolute positions, so any
+subset of them can be attended to without a fix-up. The runtime owns the page tables.
 
 Per-call index tensors (all int32, built by the runtime):
 
 - ``token_slots[n]``: the physical slot (``page * page_size + offset``) each new token's K/V is written to;
 - ``token_seq[n]``: the batch row of each new token; ``token_pos[n]``: its absolute position;
-- ``page_table[batch, max_pages]``: physical page of each logical page of each row.
+- ``page_table[batch, max_pages]``: physical page of each logical page of each row;
+- ``query_tiles[num_tiles, 2]``: ``[first, end)`` token ranges, each a run of at most ``QUERY_TILE`` tokens of
+  one sequence in ascending positions; attention work is parallel over tiles and KV heads.
 
 Views:
 
@@ -29,6 +32,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.target import Target
 
 PAGE_SIZE = 16  # token slots per KV page (the stock TVM paged kernels also require 16)
+QUERY_TILE = 16  # most tokens in one query tile
 
 
 @dataclasses.dataclass
@@ -48,6 +52,7 @@ class AttentionBatch:
     token_seq: Tensor
     token_pos: Tensor
     page_table: Tensor
+    query_tiles: Tensor
     sparse: SparseView | None = None
 
 
@@ -86,7 +91,7 @@ def attention(q: Tensor, pool: Tensor, batch: AttentionBatch, layer: int, num_kv
     n, num_heads, head_dim = q.shape
     view = batch.sparse
     func = _attention_func(target, int(num_heads), num_kv_heads, int(head_dim), q.dtype, view is not None)
-    args = [q, pool, batch.page_table, batch.token_seq, batch.token_pos]
+    args = [q, pool, batch.page_table, batch.token_seq, batch.token_pos, batch.query_tiles]
     if view is not None:
         args += [view.static_pos, view.static_len, view.window_start]
     name = "sparse_attention" if view is not None else "dense_attention"

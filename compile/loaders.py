@@ -62,6 +62,8 @@ class WeightSource(Mapping[str, np.ndarray]):
             raise ModelError(f"cannot read tensor {name!r} from {self._source}: {_one_line(e)}; "
                              "the file may be corrupt, download it again") from None
         arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not arr.flags.writeable:  # a view of a read-only memory map: give the caller its own copy
+            arr = arr.copy()
         if arr.shape != self._shapes[name]:
             raise ModelError(f"tensor {name!r} in {self._source} has shape {arr.shape}, "
                              f"expected {self._shapes[name]}; the file does not match its config")
@@ -188,15 +190,20 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise ModelError(f"{folder} has no config.json; pass a Hugging Face model folder or a .gguf file")
-    hf_cfg = _hf_config_dict(_read_json(cfg_path))
-    config = ModelConfig.from_hf(hf_cfg)
-    gen_path = folder / "generation_config.json"
-    if gen_path.is_file():
-        gen = _read_json(gen_path)
-        eos = list(config.eos_token_ids)
-        eos += [i for i in _as_ids(gen.get("eos_token_id")) if i not in eos]
-        bos = config.bos_token_id if config.bos_token_id is not None else gen.get("bos_token_id")
-        config = dataclasses.replace(config, eos_token_ids=tuple(eos), bos_token_id=bos)
+    try:
+        config = ModelConfig.from_hf(_hf_config_dict(_read_json(cfg_path)))
+        gen_path = folder / "generation_config.json"
+        if gen_path.is_file():
+            gen = _read_json(gen_path)
+            eos = list(config.eos_token_ids)
+            eos += [i for i in _as_ids(gen.get("eos_token_id")) if i not in eos]
+            bos = config.bos_token_id if config.bos_token_id is not None else gen.get("bos_token_id")
+            config = dataclasses.replace(config, eos_token_ids=tuple(eos),
+                                         bos_token_id=None if bos is None else int(bos))
+    except ModelError:
+        raise
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ModelError(f"bad value in {cfg_path} or generation_config.json: {_one_line(e)}") from None
 
     tok_path = folder / "tokenizer.json"
     if not tok_path.is_file():

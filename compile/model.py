@@ -12,7 +12,8 @@ Exported functions (all take the token embeddings of a ragged batch, ``n`` token
 - ``verify(embeds, <batch>, pool) -> (logits[n, vocab], pool)``: ``gamma + 1`` tokens per sequence.
 - ``draft(embeds, <batch>, <sparse view>, pool) -> (logits[n, vocab], pool)``: attends through the sparse view.
 
-``<batch>`` is ``token_slots[n], token_seq[n], token_pos[n], page_table[batch, max_pages]`` (see ``attention``).
+``<batch>`` is ``token_slots[n], token_seq[n], token_pos[n], page_table[batch, max_pages],
+query_tiles[num_tiles, 2]`` (see ``attention``).
 """
 
 from __future__ import annotations
@@ -142,26 +143,26 @@ class LlamaModel(nn.Module):
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.embed_tokens(input_ids)
 
-    def prefill(self, embeds, token_slots, token_seq, token_pos, page_table, logit_rows, pool):
-        h, pool = self._hidden(embeds, pool, AttentionBatch(token_slots, token_seq, token_pos, page_table))
+    def prefill(self, embeds, token_slots, token_seq, token_pos, page_table, query_tiles, logit_rows, pool):
+        h, pool = self._hidden(embeds, pool, AttentionBatch(token_slots, token_seq, token_pos, page_table, query_tiles))
         return self._logits(op.take(h, logit_rows, axis=0)), pool
 
-    def decode(self, embeds, token_slots, token_seq, token_pos, page_table, pool):
-        h, pool = self._hidden(embeds, pool, AttentionBatch(token_slots, token_seq, token_pos, page_table))
+    def decode(self, embeds, token_slots, token_seq, token_pos, page_table, query_tiles, pool):
+        h, pool = self._hidden(embeds, pool, AttentionBatch(token_slots, token_seq, token_pos, page_table, query_tiles))
         return self._logits(h), pool
 
     verify = decode  # same graph; exported under its own name with the verify shapes
 
-    def draft(self, embeds, token_slots, token_seq, token_pos, page_table, static_pos, static_len, window_start,
-              pool):
+    def draft(self, embeds, token_slots, token_seq, token_pos, page_table, query_tiles, static_pos, static_len,
+              window_start, pool):
         view = SparseView(static_pos, static_len, window_start)
-        batch = AttentionBatch(token_slots, token_seq, token_pos, page_table, view)
+        batch = AttentionBatch(token_slots, token_seq, token_pos, page_table, query_tiles, view)
         h, pool = self._hidden(embeds, pool, batch)
         return self._logits(h), pool
 
     def pool_shape(self) -> list:
         c = self.cfg
-        return [c.num_layers, "num_pages", 2, c.num_kv_heads, PAGE_SIZE, c.head_dim]
+        return [c.num_layers, "num_pages", 2, c.num_kv_heads, PAGE_SIZE * c.head_dim]
 
     def get_spec(self) -> nn.spec.ModuleSpec:
         c = self.cfg
@@ -174,6 +175,7 @@ class LlamaModel(nn.Module):
             "token_seq": nn.spec.Tensor(["n"], i32),
             "token_pos": nn.spec.Tensor(["n"], i32),
             "page_table": nn.spec.Tensor(["batch", "max_pages"], i32),
+            "query_tiles": nn.spec.Tensor(["num_tiles", 2], i32),
         }
         view = {
             "static_pos": nn.spec.Tensor(["batch", c.num_layers, c.num_kv_heads, "max_static"], i32),

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import tvm
 
-from ..compile.attention import PAGE_SIZE
+from ..compile.attention import PAGE_SIZE, QUERY_TILE
 from .artifact import Artifact
 from .kv import PagePool
 from .sampling import SamplingParams, probs_from_logits, sample
@@ -79,6 +79,15 @@ class _Request:
         return self.prompt + self.output
 
 
+def query_tiles(seq_rows: np.ndarray) -> np.ndarray:
+    """``[first, end)`` runs of at most ``QUERY_TILE`` consecutive tokens of the same row."""
+    change = np.flatnonzero(np.diff(seq_rows)) + 1
+    bounds = [0, *change.tolist(), len(seq_rows)]
+    tiles = [(s, min(s + QUERY_TILE, end)) for start, end in zip(bounds, bounds[1:])
+             for s in range(start, end, QUERY_TILE)]
+    return np.asarray(tiles, dtype=np.int32)
+
+
 class ModelRunner:
     """Calls one artifact's compiled functions over the shared paged pool; numpy in, numpy out."""
 
@@ -93,7 +102,7 @@ class ModelRunner:
         """(Re)allocate the device pool with ``num_pages`` pages if it is smaller; returns the allocator."""
         if self.pages is None or self.pages.num_pages < num_pages:
             c = self.cfg
-            shape = (c.num_layers, num_pages, 2, c.num_kv_heads, PAGE_SIZE, c.head_dim)
+            shape = (c.num_layers, num_pages, 2, c.num_kv_heads, PAGE_SIZE * c.head_dim)
             self.pool_tensor = None  # free the old pool first
             self.pool_tensor = tvm.runtime.empty(shape, self.artifact.dtype, self.device)
             self.pages = PagePool(num_pages, PAGE_SIZE)
@@ -112,7 +121,8 @@ class ModelRunner:
         slots = np.concatenate([pages.slots(s, positions[seq_rows == row]) for row, s in enumerate(seq_ids)])
         embeds = vm["embed"](self._t(tokens.astype(np.int32)), params)
         args = [embeds, self._t(slots.astype(np.int32)), self._t(seq_rows.astype(np.int32)),
-                self._t(positions.astype(np.int32)), self._t(pages.page_table(seq_ids))]
+                self._t(positions.astype(np.int32)), self._t(pages.page_table(seq_ids)),
+                self._t(query_tiles(seq_rows))]
         args += [self._t(a) for a in extra]
         logits, self.pool_tensor = vm[fn](*args, self.pool_tensor, params)
         return logits.numpy()

@@ -2,13 +2,47 @@
 
 Rules are small dlight ``ScheduleRule``s, tried in order on every fused TIR function:
 
-- ``Matmul``: ``C[m, n] = sum_k A[m, k] * W[k, n]`` with ``W`` stored ``[in, out]`` (``n`` contiguous), plus
-  any elementwise epilogue (bias, residual add). Parallel over column tiles, a register tile of
-  ``ROWS x COLS`` accumulators, vectorized along ``n``.
+- ``Matmul``: ``C[m, n] = sum_k A[m, k] * W[k, n]`` with ``W`` stored ``[in, out]`` (``n`` contiguous),
+  ``m`` the (usually symbolic) number of tokens, ``k`` and ``n`` static, plus any elementwise epilogue
+  (bias, residual add). One loop nest serves decode (``m`` = 1..16, bound by streaming ``W`` from
+  memory) and prefill (``m`` in the hundreds, bound by FMA throughput)::
+
+      A_pad[m_pad, k] = A zero-padded to a multiple of ROWS rows      (so no row predicate inside)
+      parallel for nc in N / n_chunk:                                 (column chunks, one per task)
+        for mb in m_pad / M_BLOCK:                                    (row blocks, a tail predicate)
+          C_pad[mb, nc] = 0
+          for ko in K / K_BLOCK:                                      (k block: W rows ko*K_BLOCK..)
+            for mo in M_BLOCK / ROWS:                                 (all row tiles reuse the block)
+              for nt in n_chunk / cols:                               (register tile, left to right)
+                unrolled K_BLOCK x ROWS x cols FMAs into ROWS x cols/LANES zmm accumulators
+        C[:m, nc] = epilogue(C_pad[:m, nc])
+
+  ``W`` is read once per ``M_BLOCK`` rows (so once for decode), ``K_BLOCK`` rows at a time, each
+  row as one contiguous run of ``n_chunk`` floats, so the hardware prefetcher streams it. The
+  ``K_BLOCK x n_chunk`` block of ``W`` stays in L1 while every row tile of the row block passes over
+  it, which makes the same nest compute-bound for large ``m``; the ``M_BLOCK x n_chunk`` block of
+  ``C_pad`` updated every ``K_BLOCK`` steps stays in L2. The accumulator tile lives in registers for
+  ``K_BLOCK`` steps (LLVM promotes the unrolled loads/stores of ``C_pad``), costing one load and one
+  store per ``K_BLOCK`` FMAs.
+
+  Tile constants: ``LANES`` fp32 lanes per AVX-512 register; ``ROWS`` rows per register tile (and
+  the padding granularity of ``m``: a larger value wastes work at ``m = 1``); ``cols`` =
+  ``LANES x`` one of ``TILE_VECTORS`` output columns per register tile (``ROWS * cols / LANES`` <= 20
+  accumulators of the 32 zmm registers, leaving room for ``W`` vectors and broadcasts of ``A``);
+  ``K_BLOCK`` k-steps per accumulator load/store; ``M_BLOCK`` rows per pass over ``W``;
+  ``MAX_CHUNK`` the widest column chunk of one parallel task (its ``K_BLOCK x MAX_CHUNK`` block of
+  ``W`` is 16 KB, a third of L1) and ``MIN_CHUNK`` the narrowest preferred one; ``n_chunk`` is picked
+  per ``N`` so that the chunks split evenly (``MIN_BALANCE``) over the target's cores. The rule
+  declines (returns ``None``) when ``N`` is not a multiple of ``LANES``, ``K`` or ``N`` is symbolic,
+  the output is not fp32, or the weight is not ``[k, n]`` with ``n`` innermost, leaving those to
+  TVM's default rules.
+- ``Elementwise``: injective functions, parallel over rows and vectorized along the last axis.
 - TVM's own ``dlight.cpu`` GEMV and reduction rules for the rest (RMSNorm, softmax-like reductions).
 """
 
 from __future__ import annotations
+
+import os
 
 import tvm
 from tvm import s_tir, tirx
@@ -18,12 +52,57 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 LANES = 16  # fp32 lanes in one AVX-512 register
-COLS = 4 * LANES  # output columns per register tile
-ROWS = 4  # output rows per register tile
+ROWS = 4  # output rows per register tile; m is zero-padded to a multiple of it
+TILE_VECTORS = (4, 5, 3, 2, 1)  # zmm vectors per register-tile row (cols = vectors * LANES), by preference
+K_BLOCK = 8  # k-steps between accumulator loads/stores; W rows streamed side by side
+MAX_CHUNK = 512  # widest column chunk of one parallel task (K_BLOCK x MAX_CHUNK fp32 = 16 KB)
+MIN_CHUNK = 256  # narrower chunks break W rows into short runs, which streams W worse (decode)
+M_BLOCK = 128  # rows per pass over W; its C_pad block M_BLOCK x MAX_CHUNK fp32 (256 KB) stays in L2
+MIN_BALANCE = 0.85  # accept a chunking only if the busiest core idles at most 15% of the time
+
+
+def _num_cores(target: Target) -> int:
+    cores = target.attrs.get("num-cores") if target is not None else None
+    return int(cores) if cores else (os.cpu_count() or 1)
+
+
+def _column_blocking(n: int, cores: int) -> tuple[int, int] | None:
+    """Pick ``(cols, n_chunk)`` for ``N = n``, or ``None`` if ``n`` is not a multiple of ``LANES``.
+
+    A chunk is a whole number of register tiles and at most ``MAX_CHUNK`` columns; ``c`` chunks on
+    ``cores`` cores are balanced ``c / (ceil(c / cores) * cores)``. Take the first register-tile
+    width in ``TILE_VECTORS`` order with a balanced chunk of at least ``MIN_CHUNK`` columns (its
+    widest one), else the widest balanced chunk of any width, else the best-balanced one.
+    """
+    options = []  # (cols, chunk, balance), in TILE_VECTORS order, widest chunk first
+    for vectors in TILE_VECTORS:
+        cols = vectors * LANES
+        if n % cols:
+            continue
+        tiles = n // cols
+        for per_chunk in range(min(tiles, MAX_CHUNK // cols), 0, -1):
+            if tiles % per_chunk == 0:
+                chunks = tiles // per_chunk
+                options.append((cols, cols * per_chunk, chunks / (-(-chunks // cores) * cores)))
+    balanced = [o for o in options if o[2] >= MIN_BALANCE]
+    for cols, chunk, _ in balanced:
+        if chunk >= MIN_CHUNK:
+            return cols, chunk
+    if balanced:
+        return max(balanced, key=lambda o: o[1])[:2]
+    return max(options, key=lambda o: o[2])[:2] if options else None
+
+
+def _weight_is_k_by_n(block: tirx.Stmt, k_var: tirx.Var, n_var: tirx.Var) -> bool:
+    """Whether some read is ``W[k, n]`` (n innermost) and another is ``A[m, k]`` (k innermost)."""
+    lasts = [[r.min for r in region.region[-2:]] for region in block.reads if len(region.region) >= 2]
+    reads_w = any(a.same_as(k_var) and b.same_as(n_var) for a, b in lasts)
+    reads_a = any(b.same_as(k_var) and not a.same_as(n_var) for a, b in lasts)
+    return reads_w and reads_a
 
 
 class Matmul(ScheduleRule):
-    """Register-tiled matmul against an ``[in, out]`` weight (see module docstring)."""
+    """k-blocked, register-tiled matmul against an ``[in, out]`` weight (see module docstring)."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc):
@@ -33,45 +112,100 @@ class Matmul(ScheduleRule):
         if infos is None:
             return None
         reductions = [b for b in infos if not b.is_injective()]
-        if len(reductions) != 1 or infos[0] is not reductions[0]:
+        if len(reductions) != 1 or infos[0] is not reductions[0] or infos[0].dom_kind() != "SSR":
             return None
-        main = reductions[0]
-        if main.dom_kind() not in ("SSR", "SR") and not main.dom_kind().endswith("SSR"):
-            return None
-        n_extent = main.iters[-2].dom
-        if not isinstance(n_extent, (int, tirx.IntImm)) or int(n_extent) % LANES != 0:
+        main = infos[0]
+        m_extent, n_extent, k_extent = main.dom()
+        if not isinstance(n_extent, int) or not isinstance(k_extent, int):
             return None
         block = main.block_rv
-        # Accumulate in a local tile; elementwise epilogues fold into its write-back.
-        acc = sch.cache_write(block, 0, "local")
-        for epilogue in reversed(infos[1:]):
-            try:
-                sch.reverse_compute_inline(epilogue.block_rv)
-            except s_tir.ScheduleError:
-                return None
-        *spatial, n, k = sch.get_loops(block)
-        if not spatial:
+        stmt = sch.get(block)
+        _, n_var, k_var = (iv.var for iv in stmt.iter_vars)
+        if stmt.writes[0].source.dtype != "float32" or not _weight_is_k_by_n(stmt, k_var, n_var):
             return None
-        m = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
-        cols = COLS if int(n_extent) % COLS == 0 else LANES
-        no, ni = sch.split(n, factors=[None, cols])
-        mo, mi = sch.split(m, factors=[None, ROWS])
-        sch.reorder(no, mo, k, mi, ni)
-        sch.reverse_compute_at(acc, mo, preserve_unit_loops=True)
-        nio, nii = sch.split(ni, factors=[None, LANES])
-        sch.parallel(no)
+        blocking = _column_blocking(n_extent, _num_cores(target))
+        if blocking is None:
+            return None
+        cols, n_chunk = blocking
+        k_block = next(f for f in (K_BLOCK, 4, 2, 1) if k_extent % f == 0)
+        try:
+            return self._schedule(sch, infos, m_extent, cols, n_chunk, k_block)
+        except (s_tir.ScheduleError, tvm.TVMError):
+            return None
+
+    @staticmethod
+    def _schedule(sch, infos, m_extent, cols, n_chunk, k_block) -> s_tir.Schedule:
+        block = infos[0].block_rv
+        # Row padding: A_pad (zero rows) feeds the kernel, C_pad -> C is the write-back.
+        if isinstance(m_extent, int) and m_extent % ROWS == 0:
+            a_pads = []
+            write_back = sch.cache_write(block, 0, "global")
+        else:
+            sch.pad_einsum(block, [ROWS, 1, 1])
+            a_pads = list(sch.get_producers(block))
+            (write_back,) = sch.get_consumers(block)
+        # Elementwise epilogues fold into the write-back.
+        for epilogue in reversed(infos[1:]):
+            sch.reverse_compute_inline(epilogue.block_rv)
+
+        m, n, k = sch.get_loops(block)
+        mb, mo, mi = sch.split(m, factors=[None, M_BLOCK // ROWS, ROWS])
+        nc, nt, ni = sch.split(n, factors=[None, n_chunk // cols, cols])
+        ko, ki = sch.split(k, factors=[None, k_block])
+        sch.reorder(nc, mb, ko, mo, nt, ki, mi, ni)
+        sch.parallel(nc)
+        ni_vec, ni_lane = sch.split(ni, factors=[None, LANES])
+        sch.unroll(ki)
         sch.unroll(mi)
-        sch.unroll(nio)
-        sch.vectorize(nii)
-        sch.decompose_reduction(block, k)
-        *_, acc_ni = sch.get_loops(acc)
-        _, acc_lanes = sch.split(acc_ni, factors=[None, LANES])
-        sch.vectorize(acc_lanes)
+        sch.unroll(ni_vec)
+        sch.vectorize(ni_lane)
+        sch.decompose_reduction(block, ko)  # zero the C_pad block before ko
+        sch.reverse_compute_at(write_back, nc, preserve_unit_loops=True)
+
+        def vectorize_last(blk):
+            *_, last = sch.get_loops(blk)
+            _, lane = sch.split(last, factors=[None, LANES])
+            sch.vectorize(lane)
+
+        vectorize_last(write_back)
+        for pad in a_pads:
+            vectorize_last(pad)
+        return sch
+
+
+class Elementwise(ScheduleRule):
+    """Injective functions (activations, RoPE, splits): parallel over rows, vectorized along the last axis."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or not all(info.is_injective() for info in infos):
+            return None
+        remaining = []
+        for info in infos:
+            try:
+                sch.compute_inline(info.block_rv)
+            except s_tir.ScheduleError:
+                remaining.append(info.block_rv)
+        for block in remaining:
+            loops = sch.get_loops(block)
+            if not loops:
+                continue
+            *outer, last = loops
+            extent = sch.get(last).extent
+            if isinstance(extent, tirx.IntImm) and int(extent) % LANES == 0:
+                last_outer, lanes = sch.split(last, factors=[None, LANES])
+                sch.vectorize(lanes)
+                outer.append(last_outer)
+            if outer:
+                sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
         return sch
 
 
 def rules() -> list[ScheduleRule]:
-    return [Matmul(), dl.cpu.GEMV(), dl.cpu.Reduction()]
+    return [Matmul(), Elementwise(), dl.cpu.GEMV(), dl.cpu.Reduction()]
 
 
 def pipeline(target: Target) -> tvm.transform.Pass:
@@ -91,5 +225,3 @@ def pipeline(target: Target) -> tvm.transform.Pass:
             return seq(mod)
 
     return _pipeline
-
-

@@ -1,28 +1,58 @@
-"""CPU (llvm) kernels for the paged KV pool: KV append and paged attention (dense and sparse views).
+"""CPU (llvm) kernels for the paged KV pool: KV append and tiled paged attention (dense and sparse views).
 
-The kernels are written already scheduled (``tirx.is_scheduled``), the way TVM's own CPU attention kernels
-are: one parallel work item per (query token, KV head), so every K/V row loaded is reused by all query heads
-of the GQA group. Keys are processed in blocks of ``KEY_BLOCK`` with an online softmax, and dot products
-use ``LANES``-wide partial sums so LLVM emits vector code.
+Page layout on CPU (the last axis of the pool, ``page_size * head_dim`` values per page and KV head):
 
-The semantics (what each buffer means) are documented in ``mlc_magicdec.compile.attention``.
+- keys are stored **transposed**, ``k[d * page_size + slot]``, so one page of keys is a ``[head_dim, page]``
+  matrix and scores for a whole page are ``head_dim`` vector FMAs per query row, with no horizontal sums;
+- values are stored row-major, ``v[slot * head_dim + d]``.
+
+Attention is tiled the way flash-attention is: one parallel work item per (query tile, KV head). A query tile
+is a run of consecutive tokens of one sequence (given by ``query_tiles``), and all its tokens times all query
+heads of the GQA group share each block of ``KEY_BLOCK`` keys loaded, with an online softmax over blocks.
+``exp2`` is a vectorizable polynomial (``fast_exp2``) instead of a libm call per score.
+
+The semantics of every buffer are documented in ``mlc_magicdec.compile.attention``.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 from tvm.script import tirx as T
 
-KEY_BLOCK = 16  # keys scored together before one online-softmax rescale
-LANES = 16  # vector width (fp32 lanes of AVX-512) used for partial dot products
+from ..compile.attention import PAGE_SIZE, QUERY_TILE
+
+KEY_BLOCK = PAGE_SIZE  # keys per block: one page in the dense view
+CHAINS = 4  # independent FMA accumulators per score vector (hides FMA latency); divides head_dim
 LOG2E = math.log2(math.e)
 NEG_INF = -3.0e38
+EXP2_MIN = -126.0  # below this 2**x underflows float32; inputs are clamped here
+EXP2_DEGREE = 6  # polynomial degree for 2**f on [0, 1): max relative error ~1e-8
+_f = np.linspace(0.0, 1.0, 2001)
+EXP2_COEFFS = [float(c) for c in np.polyfit(_f, 2.0**_f, EXP2_DEGREE)]  # highest degree first
+
+
+def fast_exp2(x):
+    """``2**x`` for float32 ``x <= 0``: split into integer and fraction, polynomial for the fraction."""
+    x = T.max(x, T.float32(EXP2_MIN))
+    whole = T.floor(x)
+    frac = x - whole
+    poly = T.float32(EXP2_COEFFS[0])
+    for c in EXP2_COEFFS[1:]:
+        poly = poly * frac + T.float32(c)
+    scale = T.reinterpret("float32", T.shift_left(T.Cast("int32", whole) + 127, 23))
+    return poly * scale
+
+
+def pool_shape(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int) -> list:
+    """The pool's shape with a symbolic page count (see module docstring for the page layout)."""
+    return [num_layers, "num_pages", 2, num_kv_heads, page_size * head_dim]
 
 
 def kv_append(num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
-    """``pool[layer, slot // page, 0|1, h, slot % page, :] = k|v[t, h, :]`` for every new token ``t``."""
-    Hkv, D = num_kv_heads, head_dim
+    """Write each new token's K (transposed page layout) and V into its slot of one layer."""
+    Hkv, D, P = num_kv_heads, head_dim, page_size
 
     @T.prim_func(s_tir=True)
     def kv_append_cpu(pool_h: T.handle, k_h: T.handle, v_h: T.handle, slot_h: T.handle, layer: T.int32):
@@ -30,112 +60,138 @@ def kv_append(num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
         num_layers = T.int32()
         num_pages = T.int32()
         n = T.int32()
-        pool = T.match_buffer(pool_h, (num_layers, num_pages, 2, Hkv, page_size, D), dtype)
+        pool = T.match_buffer(pool_h, (num_layers, num_pages, 2, Hkv, P * D), dtype)
         k = T.match_buffer(k_h, (n, Hkv, D), dtype)
         v = T.match_buffer(v_h, (n, Hkv, D), dtype)
         slot = T.match_buffer(slot_h, (n,), "int32")
         for t in T.parallel(n):
             for h in T.serial(Hkv):
+                for d in T.serial(D):
+                    pool[layer, slot[t] // P, 0, h, d * P + slot[t] % P] = k[t, h, d]
                 for d in T.vectorized(D):
-                    pool[layer, slot[t] // page_size, 0, h, slot[t] % page_size, d] = k[t, h, d]
-                    pool[layer, slot[t] // page_size, 1, h, slot[t] % page_size, d] = v[t, h, d]
+                    pool[layer, slot[t] // P, 1, h, (slot[t] % P) * D + d] = v[t, h, d]
 
     return kv_append_cpu
 
 
 def paged_attention(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str, sparse: bool):
-    """Attention of each query token over its sequence's keys in the paged pool.
-
-    Dense view: keys at positions ``0 .. pos[t]``. Sparse view: the positions listed in
-    ``static_pos[b, layer, h, :static_len[b]]`` followed by ``window_start[b] .. pos[t]``.
-    """
-    Hq, Hkv, D = num_heads, num_kv_heads, head_dim
+    """Tiled attention over the pool. Dense: keys ``0 .. pos``; sparse: the static list, then the window."""
+    Hq, Hkv, D, P = num_heads, num_kv_heads, head_dim, page_size
     G = Hq // Hkv
-    KB, V = KEY_BLOCK, LANES
-    DV = D // V if D % V == 0 else 0
+    KB = KEY_BLOCK
+    if P != KB:
+        raise ValueError(f"the CPU attention kernel needs page_size == {KB}")
     scale = LOG2E / math.sqrt(D)
 
-    def _load_or_zero(buf, b):
+    def load_or_zero(buf, b):
         return 0 if buf is None else buf[b]
 
-    def _key_position(static_pos, b, layer, kh, idx, n_static, w0):
-        """Position of the ``idx``-th key: first the static list, then the window ``w0 ..``."""
+    def key_position(static_pos, b, layer, kh, idx, n_static, w0):
+        """Position of the ``idx``-th key of the view: the static list first, then ``w0, w0 + 1, ...``."""
         if static_pos is None:
             return idx
         return T.if_then_else(idx < n_static, static_pos[b, layer, kh, idx], w0 + idx - n_static)
 
+    def key(pool, kt, layer, page_table, b, blk, kh, d, j):
+        """Key ``j`` of the current block, feature ``d``."""
+        if sparse:
+            return kt[d, j]
+        return T.Cast("float32", pool[layer, page_table[b, blk], 0, kh, d * P + j])
+
+    def value(pool, kslot, layer, page_table, b, blk, kh, j, d):
+        """Value ``j`` of the current block, feature ``d``."""
+        if sparse:
+            return T.Cast("float32", pool[layer, kslot[j] // P, 1, kh, kslot[j] % P * D + d])
+        return T.Cast("float32", pool[layer, page_table[b, blk], 1, kh, j * D + d])
+
     @T.macro
-    def body(n, q, pool, page_table, token_seq, token_pos, out, layer, static_pos, static_len, window_start):
-        for th in T.parallel(n * Hkv):
+    def body(q, pool, page_table, token_seq, token_pos, query_tiles, out, layer, static_pos, static_len,
+             window_start, num_tiles):
+        for item in T.parallel(num_tiles * Hkv):
             with T.sblock("attn"):
                 T.reads()
                 T.writes()
-                qf = T.sblock_alloc_buffer((G, D), "float32")
-                acc = T.sblock_alloc_buffer((G, D), "float32")
-                m = T.sblock_alloc_buffer((G,), "float32")
-                den = T.sblock_alloc_buffer((G,), "float32")
-                s = T.sblock_alloc_buffer((G, KB), "float32")
-                part = T.sblock_alloc_buffer((V,), "float32")
-                kpage = T.sblock_alloc_buffer((KB,), "int32")
-                koff = T.sblock_alloc_buffer((KB,), "int32")
-                mnew = T.sblock_alloc_buffer((1,), "float32")
-                t: T.let[T.int32] = th // Hkv
-                kh: T.let[T.int32] = th % Hkv
-                b: T.let[T.int32] = token_seq[t]
-                n_static: T.let[T.int32] = _load_or_zero(static_len, b)
-                w0: T.let[T.int32] = _load_or_zero(window_start, b)
-                n_keys: T.let[T.int32] = n_static + token_pos[t] - w0 + 1
-                for g in T.serial(G):
-                    m[g] = T.float32(NEG_INF)
-                    den[g] = T.float32(0)
+                qf = T.sblock_alloc_buffer((QUERY_TILE * G, D), "float32")
+                acc = T.sblock_alloc_buffer((QUERY_TILE * G, D), "float32")
+                row_max = T.sblock_alloc_buffer((QUERY_TILE * G,), "float32")
+                row_sum = T.sblock_alloc_buffer((QUERY_TILE * G, KB), "float32")  # per-lane partial sums
+                part = T.sblock_alloc_buffer((CHAINS, KB), "float32")
+                tree = T.sblock_alloc_buffer((KB // 2,), "float32")
+                row_pos = T.sblock_alloc_buffer((QUERY_TILE * G,), "int32")
+                s = T.sblock_alloc_buffer((KB,), "float32")
+                kt = T.sblock_alloc_buffer((D, KB), "float32")
+                kpos = T.sblock_alloc_buffer((KB,), "int32")
+                kslot = T.sblock_alloc_buffer((KB,), "int32")
+                step = T.sblock_alloc_buffer((2,), "float32")  # [new max, rescale factor]
+                tile: T.let[T.int32] = item // Hkv
+                kh: T.let[T.int32] = item % Hkv
+                r0: T.let[T.int32] = query_tiles[tile, 0]
+                rows: T.let[T.int32] = query_tiles[tile, 1] - r0
+                b: T.let[T.int32] = token_seq[r0]
+                n_static: T.let[T.int32] = load_or_zero(static_len, b)
+                w0: T.let[T.int32] = load_or_zero(window_start, b)
+                n_keys: T.let[T.int32] = n_static + token_pos[r0 + rows - 1] - w0 + 1
+                for m in T.serial(rows * G):
+                    row_max[m] = T.float32(NEG_INF)
+                    for j in T.vectorized(KB):
+                        row_sum[m, j] = T.float32(0)
+                    row_pos[m] = token_pos[r0 + m // G]
                     for d in T.vectorized(D):
-                        qf[g, d] = T.Cast("float32", q[t, kh * G + g, d]) * T.float32(scale)
-                        acc[g, d] = T.float32(0)
+                        qf[m, d] = T.Cast("float32", q[r0 + m // G, kh * G + m % G, d]) * T.float32(scale)
+                        acc[m, d] = T.float32(0)
                 for blk in T.serial((n_keys + KB - 1) // KB):
-                    nk: T.let[T.int32] = T.min(KB, n_keys - blk * KB)
-                    for j in T.serial(nk):
-                        idx: T.let[T.int32] = blk * KB + j
-                        pos: T.let[T.int32] = _key_position(static_pos, b, layer, kh, idx, n_static, w0)
-                        kpage[j] = page_table[b, pos // page_size]
-                        koff[j] = pos % page_size
-                    for g in T.serial(G):
-                        for j in T.serial(nk):
-                            if DV > 0:
-                                for lane in T.vectorized(V):
-                                    part[lane] = T.float32(0)
-                                for dv in T.serial(DV):
-                                    for lane in T.vectorized(V):
-                                        part[lane] = part[lane] + qf[g, dv * V + lane] * T.Cast(
-                                            "float32", pool[layer, kpage[j], 0, kh, koff[j], dv * V + lane]
-                                        )
-                                s[g, j] = T.float32(0)
-                                for lane in T.serial(V):
-                                    s[g, j] = s[g, j] + part[lane]
-                            else:
-                                s[g, j] = T.float32(0)
-                                for d in T.serial(D):
-                                    s[g, j] = s[g, j] + qf[g, d] * T.Cast(
-                                        "float32", pool[layer, kpage[j], 0, kh, koff[j], d]
-                                    )
-                        mnew[0] = m[g]
-                        for j in T.serial(nk):
-                            mnew[0] = T.max(mnew[0], s[g, j])
-                        den[g] = den[g] * T.exp2(m[g] - mnew[0])
-                        for d in T.vectorized(D):
-                            acc[g, d] = acc[g, d] * T.exp2(m[g] - mnew[0])
-                        m[g] = mnew[0]
-                        for j in T.serial(nk):
-                            s[g, j] = T.exp2(s[g, j] - m[g])
-                            den[g] = den[g] + s[g, j]
-                    for j in T.serial(nk):
-                        for g in T.serial(G):
-                            for d in T.vectorized(D):
-                                acc[g, d] = acc[g, d] + s[g, j] * T.Cast(
-                                    "float32", pool[layer, kpage[j], 1, kh, koff[j], d]
+                    for j in T.serial(KB):
+                        kpos[j] = T.if_then_else(blk * KB + j < n_keys, blk * KB + j, 2147483647)
+                    if sparse:
+                        # Gather the block's keys into kt[D, KB]; the dense view reads its page in place.
+                        for j in T.serial(KB):
+                            idx: T.let[T.int32] = T.min(blk * KB + j, n_keys - 1)
+                            pos: T.let[T.int32] = key_position(static_pos, b, layer, kh, idx, n_static, w0)
+                            kpos[j] = T.if_then_else(blk * KB + j < n_keys, pos, 2147483647)
+                            kslot[j] = page_table[b, pos // P] * P + pos % P
+                        for d in T.serial(D):
+                            for j in T.serial(KB):
+                                kt[d, j] = T.Cast(
+                                    "float32", pool[layer, kslot[j] // P, 0, kh, d * P + kslot[j] % P]
                                 )
-                for g in T.serial(G):
+                    for m in T.serial(rows * G):
+                        # Scores: CHAINS independent accumulators over d hide the FMA latency.
+                        for c in T.unroll(CHAINS):
+                            for j in T.vectorized(KB):
+                                part[c, j] = T.float32(0)
+                        for dc in T.serial(D // CHAINS):
+                            for c in T.unroll(CHAINS):
+                                for j in T.vectorized(KB):
+                                    part[c, j] = part[c, j] + qf[m, dc * CHAINS + c] * key(
+                                        pool, kt, layer, page_table, b, blk, kh, dc * CHAINS + c, j
+                                    )
+                        for j in T.vectorized(KB):
+                            s[j] = T.Select(kpos[j] <= row_pos[m], part[0, j] + part[1, j] + part[2, j] + part[3, j],
+                                            T.float32(NEG_INF))
+                        # Block maximum by halving (vector max instead of a serial chain).
+                        for j in T.vectorized(KB // 2):
+                            tree[j] = T.max(s[j], s[j + KB // 2])
+                        for j in T.vectorized(KB // 4):
+                            tree[j] = T.max(tree[j], tree[j + KB // 4])
+                        for j in T.vectorized(KB // 8):
+                            tree[j] = T.max(tree[j], tree[j + KB // 8])
+                        step[0] = T.max(row_max[m], T.max(tree[0], tree[1]))
+                        step[1] = fast_exp2(row_max[m] - step[0])
+                        row_max[m] = step[0]
+                        for j in T.vectorized(KB):
+                            s[j] = fast_exp2(s[j] - step[0])
+                            row_sum[m, j] = row_sum[m, j] * step[1] + s[j]
+                        for d in T.vectorized(D):
+                            acc[m, d] = acc[m, d] * step[1]
+                        for j in T.serial(T.min(KB, n_keys - blk * KB)):  # never touch unwritten slots
+                            for d in T.vectorized(D):
+                                acc[m, d] = acc[m, d] + s[j] * value(pool, kslot, layer, page_table, b, blk, kh, j, d)
+                for m in T.serial(rows * G):
+                    step[0] = T.float32(0)
+                    for j in T.serial(KB):
+                        step[0] = step[0] + row_sum[m, j]
                     for d in T.vectorized(D):
-                        out[t, kh * G + g, d] = T.Cast(dtype, acc[g, d] / den[g])
+                        out[r0 + m // G, kh * G + m % G, d] = T.Cast(dtype, acc[m, d] / step[0])
 
     if sparse:
 
@@ -146,6 +202,7 @@ def paged_attention(num_heads: int, num_kv_heads: int, head_dim: int, page_size:
             page_table_h: T.handle,
             token_seq_h: T.handle,
             token_pos_h: T.handle,
+            query_tiles_h: T.handle,
             static_pos_h: T.handle,
             static_len_h: T.handle,
             window_start_h: T.handle,
@@ -158,17 +215,20 @@ def paged_attention(num_heads: int, num_kv_heads: int, head_dim: int, page_size:
             num_pages = T.int32()
             batch = T.int32()
             max_pages = T.int32()
+            num_tiles = T.int32()
             max_static = T.int32()
             q = T.match_buffer(q_h, (n, Hq, D), dtype)
-            pool = T.match_buffer(pool_h, (num_layers, num_pages, 2, Hkv, page_size, D), dtype)
+            pool = T.match_buffer(pool_h, (num_layers, num_pages, 2, Hkv, P * D), dtype)
             page_table = T.match_buffer(page_table_h, (batch, max_pages), "int32")
             token_seq = T.match_buffer(token_seq_h, (n,), "int32")
             token_pos = T.match_buffer(token_pos_h, (n,), "int32")
+            query_tiles = T.match_buffer(query_tiles_h, (num_tiles, 2), "int32")
             static_pos = T.match_buffer(static_pos_h, (batch, num_layers, Hkv, max_static), "int32")
             static_len = T.match_buffer(static_len_h, (batch,), "int32")
             window_start = T.match_buffer(window_start_h, (batch,), "int32")
             out = T.match_buffer(out_h, (n, Hq, D), dtype)
-            body(n, q, pool, page_table, token_seq, token_pos, out, layer, static_pos, static_len, window_start)
+            body(q, pool, page_table, token_seq, token_pos, query_tiles, out, layer, static_pos, static_len,
+                 window_start, num_tiles)
 
         return sparse_attention_cpu
 
@@ -179,6 +239,7 @@ def paged_attention(num_heads: int, num_kv_heads: int, head_dim: int, page_size:
         page_table_h: T.handle,
         token_seq_h: T.handle,
         token_pos_h: T.handle,
+        query_tiles_h: T.handle,
         layer: T.int32,
         out_h: T.handle,
     ):
@@ -188,12 +249,15 @@ def paged_attention(num_heads: int, num_kv_heads: int, head_dim: int, page_size:
         num_pages = T.int32()
         batch = T.int32()
         max_pages = T.int32()
+        num_tiles = T.int32()
         q = T.match_buffer(q_h, (n, Hq, D), dtype)
-        pool = T.match_buffer(pool_h, (num_layers, num_pages, 2, Hkv, page_size, D), dtype)
+        pool = T.match_buffer(pool_h, (num_layers, num_pages, 2, Hkv, P * D), dtype)
         page_table = T.match_buffer(page_table_h, (batch, max_pages), "int32")
         token_seq = T.match_buffer(token_seq_h, (n,), "int32")
         token_pos = T.match_buffer(token_pos_h, (n,), "int32")
+        query_tiles = T.match_buffer(query_tiles_h, (num_tiles, 2), "int32")
         out = T.match_buffer(out_h, (n, Hq, D), dtype)
-        body(n, q, pool, page_table, token_seq, token_pos, out, layer, None, None, None)
+        body(q, pool, page_table, token_seq, token_pos, query_tiles, out, layer, None, None, None, num_tiles)
 
     return dense_attention_cpu
+

@@ -1,0 +1,129 @@
+"""The paged attention op (dense and sparse views) and KV append against a numpy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+
+from mlc_magicdec.compile.attention import PAGE_SIZE
+from mlc_magicdec.compile.targets import host_llvm
+from mlc_magicdec.runtime.engine import query_tiles
+from mlc_magicdec.schedules import cpu_attention
+
+HQ, HKV, D, LAYERS = 6, 2, 32, 2
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    target = host_llvm()
+
+    def build(func):
+        return tvm.compile(tvm.IRModule({"main": func}), target=target)["main"]
+
+    return {
+        "append": build(cpu_attention.kv_append(HKV, D, PAGE_SIZE, "float32")),
+        "dense": build(cpu_attention.paged_attention(HQ, HKV, D, PAGE_SIZE, "float32", False)),
+        "sparse": build(cpu_attention.paged_attention(HQ, HKV, D, PAGE_SIZE, "float32", True)),
+    }
+
+
+def reference(q, keys, values, key_lists):
+    """Softmax attention of q[n, HQ, D] over keys[b][pos, HKV, D] at the positions in key_lists[t][h]."""
+    out = np.zeros_like(q, dtype=np.float64)
+    group = HQ // HKV
+    for t in range(q.shape[0]):
+        b, positions = key_lists[t]
+        for h in range(HQ):
+            kh = h // group
+            pos = positions[kh]
+            s = keys[b][pos, kh] @ q[t, h] / np.sqrt(D)
+            p = np.exp(s - s.max())
+            out[t, h] = (p / p.sum()) @ values[b][pos, kh]
+    return out
+
+
+def make_batch(rng, lengths, new_per_seq):
+    """A pool holding random K/V for sequences of ``lengths`` (pages scattered), via the append kernel."""
+    num_pages = sum(-(-n // PAGE_SIZE) for n in lengths) + 3
+    perm = rng.permutation(num_pages)
+    tables, start = [], 0
+    for n in lengths:
+        k = -(-n // PAGE_SIZE)
+        tables.append(perm[start: start + k])
+        start += k
+    width = max(len(t) for t in tables)
+    page_table = np.zeros((len(lengths), width), np.int32)
+    for i, t in enumerate(tables):
+        page_table[i, : len(t)] = t
+    keys = [rng.standard_normal((n, HKV, D)).astype(np.float32) for n in lengths]
+    values = [rng.standard_normal((n, HKV, D)).astype(np.float32) for n in lengths]
+    # queries: the last new_per_seq positions of each sequence
+    seq_rows = np.concatenate([np.full(new_per_seq, i) for i in range(len(lengths))]).astype(np.int32)
+    positions = np.concatenate([np.arange(n - new_per_seq, n) for n in lengths]).astype(np.int32)
+    return page_table, keys, values, seq_rows, positions, num_pages
+
+
+def fill_pool(kernels, page_table, keys, values, num_pages):
+    pool = tvm.runtime.tensor(np.full((LAYERS, num_pages, 2, HKV, PAGE_SIZE * D), np.nan, np.float32))
+    for b, (k, v) in enumerate(zip(keys, values)):
+        pos = np.arange(len(k))
+        slots = (page_table[b, pos // PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE).astype(np.int32)
+        for layer in range(LAYERS):
+            kernels["append"](pool, tvm.runtime.tensor(k), tvm.runtime.tensor(v), tvm.runtime.tensor(slots), layer)
+    return pool
+
+
+@pytest.mark.parametrize("new_per_seq", [1, 5, 20])
+def test_dense_view_matches_numpy(kernels, new_per_seq):
+    rng = np.random.default_rng(new_per_seq)
+    lengths = [37, 100, 21, 64]
+    page_table, keys, values, seq_rows, positions, num_pages = make_batch(rng, lengths, new_per_seq)
+    pool = fill_pool(kernels, page_table, keys, values, num_pages)
+    q = rng.standard_normal((len(seq_rows), HQ, D)).astype(np.float32)
+    out = tvm.runtime.empty(q.shape, "float32")
+    kernels["dense"](tvm.runtime.tensor(q), pool, tvm.runtime.tensor(page_table), tvm.runtime.tensor(seq_rows),
+                     tvm.runtime.tensor(positions), tvm.runtime.tensor(query_tiles(seq_rows)), LAYER, out)
+    lists = [(int(b), [np.arange(p + 1)] * HKV) for b, p in zip(seq_rows, positions)]
+    np.testing.assert_allclose(out.numpy(), reference(q, keys, values, lists), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("new_per_seq", [1, 4])
+def test_sparse_view_matches_numpy(kernels, new_per_seq):
+    """Random static lists per (sequence, layer, KV head), different budgets per sequence, plus a window."""
+    rng = np.random.default_rng(10 + new_per_seq)
+    lengths = [300, 90, 141]
+    budgets = [40, 7, 0]  # static entries per sequence
+    windows = [20, 30, 141 - new_per_seq]  # window start offset back from the first query
+    page_table, keys, values, seq_rows, positions, num_pages = make_batch(rng, lengths, new_per_seq)
+    pool = fill_pool(kernels, page_table, keys, values, num_pages)
+    max_static = max(budgets) + 3
+    static_pos = np.full((len(lengths), LAYERS, HKV, max_static), -1, np.int32)
+    window_start = np.zeros(len(lengths), np.int32)
+    for b, n in enumerate(lengths):
+        first_query = n - new_per_seq
+        window_start[b] = first_query - windows[b]
+        for layer in range(LAYERS):
+            for h in range(HKV):
+                chosen = np.sort(rng.choice(window_start[b], budgets[b], replace=False))
+                static_pos[b, layer, h, : budgets[b]] = chosen
+    q = rng.standard_normal((len(seq_rows), HQ, D)).astype(np.float32)
+    out = tvm.runtime.empty(q.shape, "float32")
+    kernels["sparse"](
+        tvm.runtime.tensor(q), pool, tvm.runtime.tensor(page_table), tvm.runtime.tensor(seq_rows),
+        tvm.runtime.tensor(positions), tvm.runtime.tensor(query_tiles(seq_rows)),
+        tvm.runtime.tensor(static_pos), tvm.runtime.tensor(np.array(budgets, np.int32)),
+        tvm.runtime.tensor(window_start), LAYER, out,
+    )
+    lists = []
+    for b, p in zip(seq_rows, positions):
+        window = np.arange(window_start[b], p + 1)
+        lists.append((int(b), [np.concatenate([static_pos[b, LAYER, h, : budgets[b]], window]) for h in range(HKV)]))
+    np.testing.assert_allclose(out.numpy(), reference(q, keys, values, lists), atol=2e-5, rtol=1e-4)
+
+
+def test_query_tiles_split_runs():
+    rows = np.array([0, 0, 0, 1] + [2] * 40, np.int32)
+    tiles = query_tiles(rows)
+    assert tiles.tolist() == [[0, 3], [3, 4], [4, 20], [20, 36], [36, 44]]
