@@ -21,6 +21,7 @@ from tvm import relax
 from tvm.contrib import tvmjs
 
 from .. import __version__
+from ..errors import UserError
 from ..schedules import relax_pipeline
 from .config import ModelConfig
 from .convert import convert
@@ -35,7 +36,14 @@ WEIGHT_SHARD_MB = 32  # shard size of params_shard_*.bin (MLC's default)
 DRAFT_KINDS = ("streamingllm", "snapkv")
 
 
-class CompileError(ValueError):
+def artifact_cache() -> Path:
+    """Where ``demo`` keeps its compiled artifacts (under ``$MLC_MAGICDEC_HOME``)."""
+    from .fetch import home
+
+    return home() / "artifacts"
+
+
+class CompileError(UserError, ValueError):
     """A compile request that cannot be carried out; the message is one line."""
 
 
@@ -68,6 +76,7 @@ def compile_model(
     dtype: str | None = None,
     cpu: str | None = None,
     drafts: tuple[str, ...] = (),
+    budget: int | None = None,
     force: bool = False,
     quiet: bool = False,
 ) -> Path:
@@ -78,6 +87,8 @@ def compile_model(
     for draft in drafts:
         if draft not in DRAFT_KINDS:
             raise CompileError(f"unknown draft {draft!r}; choose from: {', '.join(DRAFT_KINDS)}")
+    if budget is not None and budget < 1:
+        raise CompileError(f"--budget must be a positive number of tokens, got {budget}")
     preset = resolve(target, cpu=cpu)
     dtype = dtype or preset.default_dtype
     if dtype not in ("float32", "float16"):
@@ -95,6 +106,8 @@ def compile_model(
             with step("loading model"):
                 loaded = load_model(model_path)
                 cfg = loaded.config
+            if budget is not None and budget >= cfg.context_window:
+                raise CompileError(f"--budget {budget} must be below the context window ({cfg.context_window})")
             with step(f"exporting graph ({cfg.family}, {cfg.num_layers} layers)"):
                 mod, named_params = export_model(cfg, preset, dtype)
                 names = [name for name, _ in named_params]
@@ -118,6 +131,7 @@ def compile_model(
                 "library": LIBRARY_NAME,
                 "param_names": names,
                 "drafts": list(drafts),
+                "draft_budget": budget,
                 "hashes": {
                     "library": file_sha256(tmp / LIBRARY_NAME),
                     "weights": file_sha256(tmp / "tensor-cache.json"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..errors import UserError
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -12,7 +14,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model file or config that cannot be used; the message is one line and says what to do."""
 
 

@@ -8,11 +8,13 @@ import os
 import tvm
 from tvm.target import Target
 
+from ..errors import UserError
+
 GPU_TARGETS = ("cuda", "metal", "vulkan")
 TARGETS = ("llvm", *GPU_TARGETS)
 
 
-class TargetError(ValueError):
+class TargetError(UserError, ValueError):
     """A target that cannot be built here; the message is one line and says what to do."""
 
 

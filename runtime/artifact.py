@@ -15,11 +15,12 @@ from tvm.contrib import tvmjs
 
 from ..compile.config import ModelConfig
 from ..compile.targets import TargetError, device_from_string
+from ..errors import UserError
 
 CONFIG_NAME = "mlc-magicdec-config.json"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError, ValueError):
     """An artifact folder that cannot be used; the message is one line and says what to do."""
 
 

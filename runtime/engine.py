@@ -11,14 +11,16 @@ import numpy as np
 import tvm
 
 from ..compile.attention import PAGE_SIZE, QUERY_TILE
+from ..errors import UserError
 from .artifact import Artifact
 from .kv import PagePool
 from .sampling import SamplingParams, probs_from_logits, sample
+from .threads import configure_threads
 
 DEFAULT_PREFILL_CHUNK = 1024  # prompt tokens per prefill call (all sequences of the chunk together)
 
 
-class RequestError(ValueError):
+class RequestError(UserError, ValueError):
     """A generation request that cannot be served; the message is one line and says what to do."""
 
 
@@ -133,10 +135,12 @@ class Engine:
 
     ``kv_capacity`` caps the KV pool in tokens (all sequences together); by default the pool grows to what
     each ``generate`` call needs. ``prefill_chunk`` is the number of prompt tokens per prefill call.
+    ``threads`` is the CPU thread count (default: ``$TVM_NUM_THREADS`` or all available CPUs).
     """
 
     def __init__(self, artifact: str | Path, *, kv_capacity: int | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, threads: int | None = None):
+        self.threads = configure_threads(threads)
         self.artifact = Artifact.load(artifact)
         self.config = self.artifact.model
         self.tokenizer = self.artifact.tokenizer

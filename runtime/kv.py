@@ -11,8 +11,10 @@ import dataclasses
 
 import numpy as np
 
+from ..errors import UserError
 
-class KVPoolExhausted(RuntimeError):
+
+class KVPoolExhausted(UserError, RuntimeError):
     """The pool has no free page left; the message is one line and says what to do."""
 
 

