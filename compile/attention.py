@@ -73,6 +73,11 @@ def _attention_func(target: Target, num_heads: int, num_kv_heads: int, head_dim:
     return _kernels(target).paged_attention(num_heads, num_kv_heads, head_dim, PAGE_SIZE, dtype, sparse)
 
 
+@functools.lru_cache(maxsize=None)
+def _scores_func(target: Target, num_heads: int, num_kv_heads: int, head_dim: int, dtype: str):
+    return _kernels(target).attention_scores(num_heads, num_kv_heads, head_dim, PAGE_SIZE, dtype)
+
+
 def append_kv(pool: Tensor, k: Tensor, v: Tensor, batch: AttentionBatch, layer: int, target: Target) -> Tensor:
     """Write the new tokens' K (already rotated) and V of one layer into the pool, in place."""
     _, num_kv_heads, head_dim = k.shape
@@ -100,4 +105,22 @@ def attention(q: Tensor, pool: Tensor, batch: AttentionBatch, layer: int, num_kv
         name,
         args=[*args, tirx.IntImm("int32", layer)],
         out=Tensor.placeholder((n, num_heads, head_dim), q.dtype),
+    )
+
+
+def attention_scores(q: Tensor, pool: Tensor, batch: AttentionBatch, layer: int, num_kv_heads: int,
+                     target: Target) -> Tensor:
+    """SnapKV's observation-window scores of one layer: ``[batch, num_kv_heads, max_pages * PAGE_SIZE]``.
+
+    Entry ``[b, h, j]`` is the softmax attention that position ``j`` receives from row ``b``'s query tokens,
+    summed over those tokens and over the query heads of KV head ``h`` (dense, causal view).
+    """
+    _, num_heads, head_dim = q.shape
+    rows, max_pages = batch.page_table.shape
+    func = _scores_func(target, int(num_heads), num_kv_heads, int(head_dim), q.dtype)
+    return op.tensor_ir_op(
+        func,
+        "attention_scores",
+        args=[q, pool, batch.page_table, batch.token_seq, batch.token_pos, tirx.IntImm("int32", layer)],
+        out=Tensor.placeholder((rows, num_kv_heads, max_pages * PAGE_SIZE), "float32"),
     )

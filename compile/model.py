@@ -11,6 +11,8 @@ Exported functions (all take the token embeddings of a ragged batch, ``n`` token
 - ``decode(embeds, <batch>, pool) -> (logits[n, vocab], pool)``: one token per sequence, the plain baseline.
 - ``verify(embeds, <batch>, pool) -> (logits[n, vocab], pool)``: ``gamma + 1`` tokens per sequence.
 - ``draft(embeds, <batch>, <sparse view>, pool) -> (logits[n, vocab], pool)``: attends through the sparse view.
+- ``snapkv_scores(embeds, <batch>, pool) -> (scores[layers, batch, kv_heads, positions], pool)``: SnapKV's
+  observation-window scores (see ``attention.attention_scores``).
 
 ``<batch>`` is ``token_slots[n], token_seq[n], token_pos[n], page_table[batch, max_pages],
 query_tiles[num_tiles, 2]`` (see ``attention``).
@@ -26,7 +28,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.target import Target
 
-from .attention import PAGE_SIZE, AttentionBatch, SparseView, append_kv, attention
+from .attention import PAGE_SIZE, AttentionBatch, SparseView, append_kv, attention, attention_scores
 from .config import ModelConfig
 
 
@@ -83,7 +85,7 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(cfg.hidden_size, qkv_width, bias=cfg.qkv_bias)
         self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
 
-    def forward(self, x, pool, batch: AttentionBatch, inv_freq, layer: int, target: Target):
+    def forward(self, x, pool, batch: AttentionBatch, inv_freq, layer: int, target: Target, scores=None):
         c = self.cfg
         hq, hkv, d = c.num_heads, c.num_kv_heads, c.head_dim
         n = x.shape[0]
@@ -92,6 +94,8 @@ class Attention(nn.Module):
         q, k, v = op.split(qkv, [hq, hq + hkv], axis=1)
         pool = append_kv(pool, k, v, batch, layer, target)
         out = attention(q, pool, batch, layer, hkv, target)
+        if scores is not None:
+            scores.append(attention_scores(q, pool, batch, layer, hkv, target))
         return self.o_proj(op.reshape(out, (n, hq * d))), pool
 
 
@@ -113,8 +117,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
 
-    def forward(self, h, pool, batch, inv_freq, layer: int, target: Target):
-        a, pool = self.self_attn(self.input_layernorm(h), pool, batch, inv_freq, layer, target)
+    def forward(self, h, pool, batch, inv_freq, layer: int, target: Target, scores=None):
+        a, pool = self.self_attn(self.input_layernorm(h), pool, batch, inv_freq, layer, target, scores)
         h = h + a
         return h + self.mlp(self.post_attention_layernorm(h)), pool
 
@@ -129,11 +133,11 @@ class LlamaModel(nn.Module):
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
 
-    def _hidden(self, embeds: Tensor, pool: Tensor, batch: AttentionBatch):
+    def _hidden(self, embeds: Tensor, pool: Tensor, batch: AttentionBatch, scores: list | None = None):
         inv_freq = Tensor.from_const(rope_inv_freq(self.cfg))
         h = embeds
         for i, layer in enumerate(self.layers):
-            h, pool = layer(h, pool, batch, inv_freq, i, self.target)
+            h, pool = layer(h, pool, batch, inv_freq, i, self.target, scores)
         return h, pool
 
     def _logits(self, h: Tensor) -> Tensor:
@@ -159,6 +163,14 @@ class LlamaModel(nn.Module):
         batch = AttentionBatch(token_slots, token_seq, token_pos, page_table, query_tiles, view)
         h, pool = self._hidden(embeds, pool, batch)
         return self._logits(h), pool
+
+    def snapkv_scores(self, embeds, token_slots, token_seq, token_pos, page_table, query_tiles, pool):
+        """Re-run each row's observation window (its last prompt tokens) and return, per layer, the attention
+        every earlier position receives: ``[num_layers, batch, num_kv_heads, max_pages * page_size]``."""
+        scores: list[Tensor] = []
+        _, pool = self._hidden(embeds, pool, AttentionBatch(token_slots, token_seq, token_pos, page_table,
+                                                             query_tiles), scores)
+        return op.concat([op.unsqueeze(s, 0) for s in scores], dim=0), pool
 
     def pool_shape(self) -> list:
         c = self.cfg
@@ -188,4 +200,5 @@ class LlamaModel(nn.Module):
             "decode": {**batch, "pool": pool, "$": packed},
             "verify": {**batch, "pool": pool, "$": packed},
             "draft": {**batch, **view, "pool": pool, "$": packed},
+            "snapkv_scores": {**batch, "pool": pool, "$": packed},
         }

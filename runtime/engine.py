@@ -14,10 +14,13 @@ from ..compile.attention import PAGE_SIZE, QUERY_TILE
 from ..errors import UserError
 from .artifact import Artifact
 from .kv import PagePool
-from .sampling import SamplingParams, probs_from_logits, sample
+from .sampling import SamplingParams, probs_from_logits, sample, verify_greedy, verify_rejection
 from .threads import configure_threads
+from .views import DRAFT_KINDS, CompressedView, DraftSettings, pack_views, snapkv_view, streaming_view
 
 DEFAULT_PREFILL_CHUNK = 1024  # prompt tokens per prefill call (all sequences of the chunk together)
+DEFAULT_GAMMA = 3  # draft tokens per speculation round
+MAX_GAMMA = 32  # more draft tokens than this per round cannot pay off at any acceptance rate worth having
 
 
 class RequestError(UserError, ValueError):
@@ -71,6 +74,8 @@ class _Request:
     output: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     accepted_lengths: list[int] = dataclasses.field(default_factory=list)
+    draft: DraftSettings | None = None
+    view: CompressedView | None = None
 
     @property
     def done(self) -> bool:
@@ -286,6 +291,109 @@ class Engine:
                 self._append(r, [tok], stop_at_eos)
 
     # ---------------------------------------------------------------------------------------------
+    # Speculative decoding (MagicDec): self-speculation through a compressed KV view
+
+    def _attach_drafts(self, requests: list[_Request], draft: str, budget, gamma: int, settings) -> None:
+        if not isinstance(gamma, (int, np.integer)) or not 1 <= gamma <= MAX_GAMMA:
+            raise RequestError(f"gamma must be an integer from 1 to {MAX_GAMMA}, got {gamma!r}")
+        if settings is None:
+            if draft not in DRAFT_KINDS:
+                raise RequestError(f"unknown draft {draft!r}; choose one of: {', '.join(DRAFT_KINDS)}")
+            budgets = budget if isinstance(budget, Sequence) else [budget] * len(requests)
+            if len(budgets) != len(requests):
+                raise RequestError(f"got {len(budgets)} budgets for {len(requests)} prompts")
+            default = self.artifact.config.get("draft_budget") or DraftSettings().budget
+            settings = [DraftSettings(draft, int(b if b is not None else default)) for b in budgets]
+        elif isinstance(settings, DraftSettings):
+            settings = [settings] * len(requests)
+        for r, s in zip(requests, settings):
+            try:
+                s.validate(self.config.context_window)
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+            r.draft = s
+
+    def _build_views(self, runner: ModelRunner, requests: list[_Request]) -> None:
+        """After prefill: each request's compressed view (SnapKV scores its observation window on device)."""
+        c = self.config
+        snap = [r for r in requests if r.draft.kind == "snapkv" and len(r.prompt) > r.draft.window]
+        scores = self._snapkv_scores(runner, snap) if snap else {}
+        for r in requests:
+            if r.draft.kind == "streamingllm":
+                r.view = streaming_view(r.draft, len(r.prompt), c.num_layers, c.num_kv_heads)
+            else:
+                r.view = snapkv_view(r.draft, len(r.prompt), scores.get(r.seq_id), c.num_layers, c.num_kv_heads)
+
+    def _snapkv_scores(self, runner: ModelRunner, requests: list[_Request]) -> dict[int, np.ndarray]:
+        toks, rows, pos = [], [], []
+        for row, r in enumerate(requests):
+            start = len(r.prompt) - r.draft.window
+            toks.append(r.prompt[start:])
+            rows.append(np.full(r.draft.window, row))
+            pos.append(np.arange(start, len(r.prompt)))
+        scores = runner.forward("snapkv_scores", np.concatenate(toks), np.concatenate(rows), np.concatenate(pos),
+                                [r.seq_id for r in requests])
+        return {r.seq_id: scores[:, row] for row, r in enumerate(requests)}
+
+    def _draft_round(self, active: list[_Request], committed: np.ndarray, gamma: int, static_pos, static_len):
+        """``gamma`` draft steps for every active sequence; returns tokens ``[B, gamma]`` and probs or None."""
+        runner, batch = self.target, len(active)
+        tokens = np.empty((batch, gamma), dtype=np.int64)
+        greedy = all(r.params.greedy for r in active)
+        q = None if greedy else np.empty((batch, gamma, self.config.vocab_size))
+        window_start = np.array([r.view.window_start(int(n)) for r, n in zip(active, committed)], np.int32)
+        current = np.array([r.tokens[-1] for r in active])
+        for i in range(gamma):
+            logits = runner.forward("draft", current, np.arange(batch), committed + i, [r.seq_id for r in active],
+                                    static_pos, static_len, window_start)
+            if greedy:
+                tokens[:, i] = np.argmax(logits, axis=-1)
+            else:
+                for b, r in enumerate(active):
+                    q[b, i] = probs_from_logits(logits[b], r.params.temperature, r.params.top_p)
+                    tokens[b, i] = sample(q[b, i][None], r.rng)[0]
+            current = tokens[:, i]
+        return tokens, q
+
+    def _decode_speculative(self, requests: list[_Request], stats: GenerationStats, stop_at_eos: bool,
+                            gamma: int) -> None:
+        runner = self.target
+        static_all, len_all = pack_views([r.view for r in requests])
+        row_of = {r.seq_id: i for i, r in enumerate(requests)}
+        while True:
+            active = [r for r in requests if not r.done]
+            if not active:
+                return
+            rows = [row_of[r.seq_id] for r in active]
+            committed = np.array([len(r.tokens) - 1 for r in active])  # KV is committed up to the pending token
+            t0 = time.perf_counter()
+            drafted, q = self._draft_round(active, committed, gamma, static_all[rows], len_all[rows])
+            t1 = time.perf_counter()
+            verify_tokens = np.concatenate([[r.tokens[-1], *d] for r, d in zip(active, drafted)])
+            seq_rows = np.repeat(np.arange(len(active)), gamma + 1)
+            positions = (committed[:, None] + np.arange(gamma + 1)).reshape(-1)
+            logits = runner.forward("verify", verify_tokens, seq_rows, positions, [r.seq_id for r in active])
+            logits = logits.reshape(len(active), gamma + 1, -1)
+            t2 = time.perf_counter()
+            stats.draft_seconds += t1 - t0
+            stats.verify_seconds += t2 - t1
+            stats.draft_steps += gamma
+            stats.verify_steps += 1
+            stats.decode_seconds += t2 - t0
+            stats.decode_steps += 1
+            for b, r in enumerate(active):
+                if r.params.greedy:
+                    n_acc, nxt = verify_greedy(drafted[b], np.argmax(logits[b], axis=-1))
+                else:
+                    p = probs_from_logits(logits[b], r.params.temperature, r.params.top_p)
+                    n_acc, nxt = verify_rejection(drafted[b], q[b], p, r.rng)
+                kept = self._append(r, [*drafted[b][:n_acc], nxt], stop_at_eos)
+                runner.pages.set_length(r.seq_id, int(committed[b]) + kept)
+                r.accepted_lengths.append(n_acc + 1)
+                stats.drafted_tokens += gamma
+                stats.accepted_tokens += n_acc
+
+    # ---------------------------------------------------------------------------------------------
     # API
 
     def generate(
@@ -297,20 +405,38 @@ class Engine:
         top_p: float = 1.0,
         seed: int | None = None,
         stop_at_eos: bool = True,
+        speculate: bool = False,
+        draft: str = "snapkv",
+        budget: int | Sequence[int] | None = None,
+        gamma: int = DEFAULT_GAMMA,
+        draft_settings: DraftSettings | Sequence[DraftSettings] | None = None,
     ) -> list[GenerationResult]:
-        """Generate a continuation of each prompt (text or token ids); each stops at its own EOS or limit."""
+        """Generate a continuation of each prompt (text or token ids); each stops at its own EOS or limit.
+
+        With ``speculate=True`` the target's own weights draft ``gamma`` tokens a round through a compressed
+        view of the KV (``draft``: "snapkv" or "streamingllm", ``budget`` KV entries, one value or one per
+        prompt; ``draft_settings`` gives full control), and one target pass verifies them. Greedy output is
+        identical to plain decoding, and sampling keeps the target's distribution (rejection sampling).
+        """
         params = SamplingParams(temperature, top_p, seed)
         requests = self._requests(prompts, max_new_tokens, params)
+        if speculate:
+            self._attach_drafts(requests, draft, budget, gamma, draft_settings)
         stats = GenerationStats()
         runner = self.target
-        self._reserve(runner, requests, slack=0)
+        self._reserve(runner, requests, slack=gamma + 1 if speculate else 0)
         try:
             t0 = time.perf_counter()
             first = self._choose(requests, self._prefill(runner, requests))
+            if speculate:
+                self._build_views(runner, requests)
             stats.prefill_seconds = time.perf_counter() - t0
             for r, tok in zip(requests, first):
                 self._append(r, [tok], stop_at_eos)
-            self._decode_plain(requests, stats, stop_at_eos)
+            if speculate:
+                self._decode_speculative(requests, stats, stop_at_eos, gamma)
+            else:
+                self._decode_plain(requests, stats, stop_at_eos)
         finally:
             self._release(runner, requests)
         return [

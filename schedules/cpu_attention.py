@@ -261,3 +261,72 @@ def paged_attention(num_heads: int, num_kv_heads: int, head_dim: int, page_size:
 
     return dense_attention_cpu
 
+
+
+def attention_scores(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
+    """SnapKV scores: for each row and KV head, the softmax attention each key position receives, summed over
+    the row's query tokens and the query heads of the GQA group (dense view, causal)."""
+    Hq, Hkv, D, P = num_heads, num_kv_heads, head_dim, page_size
+    G = Hq // Hkv
+    scale = LOG2E / math.sqrt(D)
+
+    @T.prim_func(s_tir=True)
+    def attention_scores_cpu(
+        q_h: T.handle,
+        pool_h: T.handle,
+        page_table_h: T.handle,
+        token_seq_h: T.handle,
+        token_pos_h: T.handle,
+        layer: T.int32,
+        scores_h: T.handle,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        n = T.int32()
+        num_layers = T.int32()
+        num_pages = T.int32()
+        batch = T.int32()
+        max_pages = T.int32()
+        q = T.match_buffer(q_h, (n, Hq, D), dtype)
+        pool = T.match_buffer(pool_h, (num_layers, num_pages, 2, Hkv, P * D), dtype)
+        page_table = T.match_buffer(page_table_h, (batch, max_pages), "int32")
+        token_seq = T.match_buffer(token_seq_h, (n,), "int32")
+        token_pos = T.match_buffer(token_pos_h, (n,), "int32")
+        scores = T.match_buffer(scores_h, (batch, Hkv, max_pages * P), "float32")
+        for item in T.parallel(batch * Hkv):
+            with T.sblock("scores"):
+                T.reads()
+                T.writes()
+                qf = T.sblock_alloc_buffer((D,), "float32")
+                s = T.sblock_alloc_buffer((P,), "float32")
+                stat = T.sblock_alloc_buffer((2,), "float32")  # [max, sum] of one query's scores
+                b: T.let[T.int32] = item // Hkv
+                kh: T.let[T.int32] = item % Hkv
+                for j in T.serial(max_pages * P):
+                    scores[b, kh, j] = T.float32(0)
+                for t in T.serial(n):
+                    if token_seq[t] == b:
+                        for g in T.serial(G):
+                            for d in T.vectorized(D):
+                                qf[d] = T.Cast("float32", q[t, kh * G + g, d]) * T.float32(scale)
+                            stat[0] = T.float32(NEG_INF)
+                            stat[1] = T.float32(0)
+                            for pass_ in T.serial(2):  # pass 0: max and sum; pass 1: add probabilities
+                                for blk in T.serial(token_pos[t] // P + 1):
+                                    for j in T.vectorized(P):
+                                        s[j] = T.float32(0)
+                                    for d in T.serial(D):
+                                        for j in T.vectorized(P):
+                                            s[j] = s[j] + qf[d] * T.Cast(
+                                                "float32", pool[layer, page_table[b, blk], 0, kh, d * P + j]
+                                            )
+                                    for j in T.serial(P):
+                                        if blk * P + j <= token_pos[t]:
+                                            if pass_ == 0:
+                                                stat[1] = stat[1] * fast_exp2(stat[0] - T.max(stat[0], s[j])) \
+                                                    + fast_exp2(s[j] - T.max(stat[0], s[j]))
+                                                stat[0] = T.max(stat[0], s[j])
+                                            else:
+                                                scores[b, kh, blk * P + j] = scores[b, kh, blk * P + j] \
+                                                    + fast_exp2(s[j] - stat[0]) / stat[1]
+
+    return attention_scores_cpu
