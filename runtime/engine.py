@@ -13,7 +13,7 @@ import tvm
 from ..compile.attention import PAGE_SIZE, QUERY_TILE
 from ..errors import UserError
 from .artifact import Artifact
-from .kv import PagePool
+from .kv import KVPoolExhausted, PagePool
 from .sampling import SamplingParams, probs_from_logits, sample, verify_greedy, verify_rejection
 from .threads import configure_threads
 from .views import DRAFT_KINDS, CompressedView, DraftSettings, pack_views, snapkv_view, streaming_view
@@ -86,6 +86,26 @@ class _Request:
         return self.prompt + self.output
 
 
+@dataclasses.dataclass
+class PrefilledBatch:
+    """Prompts whose KV is in the pool (from ``Engine.prefill``); decode it any number of times."""
+
+    engine: Engine
+    prompts: list[list[int]]
+    seq_ids: list[int]
+    max_new_tokens: int
+    logits: np.ndarray | None = None  # last-position logits of each prompt
+    prefill_seconds: float = 0.0
+    snapkv_scores: dict[tuple[int, int], np.ndarray] = dataclasses.field(default_factory=dict)
+    released: bool = False
+
+    def __enter__(self) -> PrefilledBatch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.engine.release(self)
+
+
 def query_tiles(seq_rows: np.ndarray) -> np.ndarray:
     """``[first, end)`` runs of at most ``QUERY_TILE`` consecutive tokens of the same row."""
     change = np.flatnonzero(np.diff(seq_rows)) + 1
@@ -105,14 +125,22 @@ class ModelRunner:
         self.pool_tensor: tvm.runtime.Tensor | None = None
         self.pages: PagePool | None = None
 
-    def ensure_pool(self, num_pages: int) -> PagePool:
-        """(Re)allocate the device pool with ``num_pages`` pages if it is smaller; returns the allocator."""
-        if self.pages is None or self.pages.num_pages < num_pages:
-            c = self.cfg
-            shape = (c.num_layers, num_pages, 2, c.num_kv_heads, PAGE_SIZE * c.head_dim)
-            self.pool_tensor = None  # free the old pool first
-            self.pool_tensor = tvm.runtime.empty(shape, self.artifact.dtype, self.device)
-            self.pages = PagePool(num_pages, PAGE_SIZE)
+    def ensure_pool(self, free_pages: int, capacity: int | None = None) -> PagePool:
+        """Make sure ``free_pages`` pages are free, allocating a pool (of ``capacity`` pages if fixed)."""
+        pages = self.pages
+        if pages is not None and pages.free_pages >= free_pages:
+            return pages
+        if pages is not None and (capacity is not None or pages.free_pages < pages.num_pages):
+            raise KVPoolExhausted(
+                f"KV pool exhausted: {free_pages} pages needed, {pages.free_pages} free of {pages.num_pages}; "
+                f"release earlier prefilled batches, raise kv_capacity, or use a smaller batch"
+            )
+        num_pages = max(capacity or 0, free_pages)
+        c = self.cfg
+        shape = (c.num_layers, num_pages, 2, c.num_kv_heads, PAGE_SIZE * c.head_dim)
+        self.pool_tensor = None  # free the old pool first
+        self.pool_tensor = tvm.runtime.empty(shape, self.artifact.dtype, self.device)
+        self.pages = PagePool(num_pages, PAGE_SIZE)
         return self.pages
 
     def _t(self, array: np.ndarray) -> tvm.runtime.Tensor:
@@ -152,6 +180,7 @@ class Engine:
         self.kv_capacity = kv_capacity
         self.prefill_chunk = prefill_chunk
         self.target = ModelRunner(self.artifact)
+        self._next_seq_id = 0
 
     # ---------------------------------------------------------------------------------------------
     # Requests
@@ -162,19 +191,16 @@ class Engine:
     def decode_text(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
 
-    def _requests(self, prompts, max_new_tokens: int, params: SamplingParams) -> list[_Request]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+    def _prompt_ids(self, prompts, max_new_tokens: int) -> list[list[int]]:
+        """Tokenize and validate prompts (text or token ids) for ``max_new_tokens`` new tokens each."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
         if not prompts:
             raise RequestError("no prompts given")
         if max_new_tokens < 1:
             raise RequestError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        try:
-            params.validate()
-        except ValueError as e:
-            raise RequestError(str(e)) from None
         ctx, vocab = self.config.context_window, self.config.vocab_size
-        requests = []
+        out = []
         for i, prompt in enumerate(prompts):
             ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
             if not ids:
@@ -187,9 +213,22 @@ class Engine:
                     f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
                     f"context window of {ctx}; shorten the prompt or lower max_new_tokens"
                 )
-            seed = None if params.seed is None else [params.seed, i]
-            requests.append(_Request(i, ids, params, np.random.default_rng(seed), max_new_tokens))
-        return requests
+            out.append(ids)
+        return out
+
+    def _requests(self, batch: PrefilledBatch, max_new_tokens: int, params: SamplingParams) -> list[_Request]:
+        try:
+            params.validate()
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        if not 1 <= max_new_tokens <= batch.max_new_tokens:
+            raise RequestError(f"max_new_tokens must be from 1 to {batch.max_new_tokens} (what prefill reserved), "
+                               f"got {max_new_tokens}")
+        return [
+            _Request(seq_id, prompt, params,
+                     np.random.default_rng(None if params.seed is None else [params.seed, i]), max_new_tokens)
+            for i, (seq_id, prompt) in enumerate(zip(batch.seq_ids, batch.prompts))
+        ]
 
     def _reserve(self, runner: ModelRunner, requests: list[_Request], slack: int) -> PagePool:
         """Reserve every request's pages up front, so a batch never runs out of KV midway."""
@@ -201,10 +240,8 @@ class Engine:
                     f"KV pool exhausted: this batch needs {need * PAGE_SIZE} token slots but kv_capacity is "
                     f"{have * PAGE_SIZE}; raise kv_capacity or use a smaller batch or fewer new tokens"
                 )
-        pages = runner.ensure_pool(need if self.kv_capacity is None else self.kv_capacity // PAGE_SIZE)
+        pages = runner.ensure_pool(need, None if self.kv_capacity is None else self.kv_capacity // PAGE_SIZE)
         for r in requests:
-            if r.seq_id in pages._seqs:
-                pages.remove(r.seq_id)
             pages.add(r.seq_id)
             pages.reserve(r.seq_id, len(r.prompt) + r.max_new_tokens + slack)
         return pages
@@ -313,16 +350,20 @@ class Engine:
                 raise RequestError(str(e)) from None
             r.draft = s
 
-    def _build_views(self, runner: ModelRunner, requests: list[_Request]) -> None:
+    def _build_views(self, runner: ModelRunner, requests: list[_Request], batch: PrefilledBatch) -> None:
         """After prefill: each request's compressed view (SnapKV scores its observation window on device)."""
         c = self.config
-        snap = [r for r in requests if r.draft.kind == "snapkv" and len(r.prompt) > r.draft.window]
-        scores = self._snapkv_scores(runner, snap) if snap else {}
+        snap = [r for r in requests if r.draft.kind == "snapkv" and len(r.prompt) > r.draft.window
+                and (r.seq_id, r.draft.window) not in batch.snapkv_scores]
+        if snap:
+            for seq_id, scores in self._snapkv_scores(runner, snap).items():
+                batch.snapkv_scores[seq_id, next(r.draft.window for r in snap if r.seq_id == seq_id)] = scores
         for r in requests:
             if r.draft.kind == "streamingllm":
                 r.view = streaming_view(r.draft, len(r.prompt), c.num_layers, c.num_kv_heads)
             else:
-                r.view = snapkv_view(r.draft, len(r.prompt), scores.get(r.seq_id), c.num_layers, c.num_kv_heads)
+                scores = batch.snapkv_scores.get((r.seq_id, r.draft.window))
+                r.view = snapkv_view(r.draft, len(r.prompt), scores, c.num_layers, c.num_kv_heads)
 
     def _snapkv_scores(self, runner: ModelRunner, requests: list[_Request]) -> dict[int, np.ndarray]:
         toks, rows, pos = [], [], []
@@ -396,11 +437,41 @@ class Engine:
     # ---------------------------------------------------------------------------------------------
     # API
 
-    def generate(
+    def prefill(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
+                max_new_tokens: int = 128) -> PrefilledBatch:
+        """Prefill the prompts and reserve KV for ``max_new_tokens`` (plus a speculation round) each.
+
+        The batch can be decoded several times with ``decode`` (each call restarts from the prompts, which
+        lets you compare settings on one prefill); release it with ``release`` or use it as a context manager.
+        """
+        prompt_ids = self._prompt_ids(prompts, max_new_tokens)
+        first_id = self._next_seq_id
+        self._next_seq_id += len(prompt_ids)
+        batch = PrefilledBatch(self, prompt_ids, list(range(first_id, first_id + len(prompt_ids))), max_new_tokens)
+        placeholders = [_Request(i, p, SamplingParams(), None, max_new_tokens)
+                        for i, p in zip(batch.seq_ids, prompt_ids)]
+        self._reserve(self.target, placeholders, slack=MAX_GAMMA + 1)
+        try:
+            t0 = time.perf_counter()
+            batch.logits = self._prefill(self.target, placeholders)
+            batch.prefill_seconds = time.perf_counter() - t0
+        except BaseException:
+            self._release(self.target, placeholders)
+            raise
+        return batch
+
+    def release(self, batch: PrefilledBatch) -> None:
+        """Free a prefilled batch's KV pages."""
+        if not batch.released:
+            for seq_id in batch.seq_ids:
+                self.target.pages.remove(seq_id)
+            batch.released = True
+
+    def decode(
         self,
-        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        batch: PrefilledBatch,
         *,
-        max_new_tokens: int = 128,
+        max_new_tokens: int | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
@@ -411,36 +482,45 @@ class Engine:
         gamma: int = DEFAULT_GAMMA,
         draft_settings: DraftSettings | Sequence[DraftSettings] | None = None,
     ) -> list[GenerationResult]:
-        """Generate a continuation of each prompt (text or token ids); each stops at its own EOS or limit.
-
-        With ``speculate=True`` the target's own weights draft ``gamma`` tokens a round through a compressed
-        view of the KV (``draft``: "snapkv" or "streamingllm", ``budget`` KV entries, one value or one per
-        prompt; ``draft_settings`` gives full control), and one target pass verifies them. Greedy output is
-        identical to plain decoding, and sampling keeps the target's distribution (rejection sampling).
-        """
+        """Generate from a prefilled batch (see ``generate`` for the arguments)."""
+        if batch.released:
+            raise RequestError("this prefilled batch was released; prefill the prompts again")
         params = SamplingParams(temperature, top_p, seed)
-        requests = self._requests(prompts, max_new_tokens, params)
+        requests = self._requests(batch, max_new_tokens or batch.max_new_tokens, params)
+        stats = GenerationStats(prefill_seconds=batch.prefill_seconds)
+        for r in requests:
+            self.target.pages.set_length(r.seq_id, len(r.prompt))
         if speculate:
             self._attach_drafts(requests, draft, budget, gamma, draft_settings)
-        stats = GenerationStats()
-        runner = self.target
-        self._reserve(runner, requests, slack=gamma + 1 if speculate else 0)
-        try:
             t0 = time.perf_counter()
-            first = self._choose(requests, self._prefill(runner, requests))
-            if speculate:
-                self._build_views(runner, requests)
-            stats.prefill_seconds = time.perf_counter() - t0
-            for r, tok in zip(requests, first):
-                self._append(r, [tok], stop_at_eos)
-            if speculate:
-                self._decode_speculative(requests, stats, stop_at_eos, gamma)
-            else:
-                self._decode_plain(requests, stats, stop_at_eos)
-        finally:
-            self._release(runner, requests)
+            self._build_views(self.target, requests, batch)
+            stats.prefill_seconds += time.perf_counter() - t0
+        for r, tok in zip(requests, self._choose(requests, batch.logits)):
+            self._append(r, [tok], stop_at_eos)
+        if speculate:
+            self._decode_speculative(requests, stats, stop_at_eos, gamma)
+        else:
+            self._decode_plain(requests, stats, stop_at_eos)
         return [
             GenerationResult(self.decode_text(r.output), r.output, len(r.prompt), r.finish_reason, stats,
                              r.accepted_lengths)
             for r in requests
         ]
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int = 128,
+        **decode_args,
+    ) -> list[GenerationResult]:
+        """Generate a continuation of each prompt (text or token ids); each stops at its own EOS or limit.
+
+        ``temperature`` (0 = greedy), ``top_p`` and ``seed`` control sampling; ``stop_at_eos=False`` ignores EOS.
+        With ``speculate=True`` the target's own weights draft ``gamma`` tokens a round through a compressed
+        view of the KV (``draft``: "snapkv" or "streamingllm", ``budget`` KV entries, one value or one per
+        prompt; ``draft_settings`` gives full control), and one target pass verifies them. Greedy output is
+        identical to plain decoding, and sampling keeps the target's distribution (rejection sampling).
+        """
+        with self.prefill(prompts, max_new_tokens=max_new_tokens) as batch:
+            return self.decode(batch, **decode_args)
