@@ -1,3 +1,11 @@
 """mlc-magicdec: MagicDec speculative decoding compiled through Apache TVM."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "Engine":  # imported lazily: importing the package should not load TVM
+        from .runtime.engine import Engine
+
+        return Engine
+    raise AttributeError(name)

@@ -15,6 +15,8 @@ from rich.table import Table
 from .errors import UserError
 
 console = Console(stderr=True)
+TABLE_WIDTH = 160  # tables are printed this wide when the output is not a terminal (logs, CI, files)
+out = Console(width=None if Console().is_terminal else TABLE_WIDTH)
 DEMO_PROMPT = "pride_and_prejudice_ch1-3.txt"
 DEFAULT_MODEL = "smollm2"
 
@@ -129,14 +131,23 @@ def _generation_options(fn):
 @click.option("--prompt-file", "prompt_files", multiple=True, type=click.Path(path_type=Path),
               help="File whose text is a prompt (repeat for a batch).")
 @_generation_options
+@click.option("--speculate", is_flag=True, help="Use MagicDec self-speculative decoding.")
+@click.option("--draft", type=click.Choice(["snapkv", "streamingllm"]), default="snapkv", show_default=True,
+              help="How the draft compresses the KV cache.")
+@click.option("--budget", type=int, default=None, help="KV entries the draft attends to (default: artifact's).")
+@click.option("--gamma", type=int, default=3, show_default=True, help="Draft tokens per verification.")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all available).")
 @_one_line_errors
 def generate_cmd(artifact: Path, prompts: tuple[str, ...], prompt_files: tuple[Path, ...], max_new_tokens: int,
-                 temperature: float, top_p: float, seed: int | None) -> None:
+                 temperature: float, top_p: float, seed: int | None, speculate: bool, draft: str,
+                 budget: int | None, gamma: int, threads: int | None) -> None:
     """Generate continuations of the prompts with the compiled ARTIFACT."""
     texts = list(prompts) + [_read_prompt(p) for p in prompt_files]
     if not texts:
         raise UserError("give at least one --prompt or --prompt-file")
-    _generate(artifact, texts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    spec = {"speculate": True, "draft": draft, "budget": budget, "gamma": gamma} if speculate else {}
+    _generate(artifact, texts, threads=threads, max_new_tokens=max_new_tokens, temperature=temperature,
+              top_p=top_p, seed=seed, **spec)
 
 
 def _read_prompt(path: Path) -> str:
@@ -146,11 +157,11 @@ def _read_prompt(path: Path) -> str:
         raise UserError(f"cannot read prompt file {path}: {e.strerror if isinstance(e, OSError) else e}") from None
 
 
-def _generate(artifact: Path, texts: list[str], **kwargs) -> None:
+def _generate(artifact: Path, texts: list[str], threads: int | None = None, **kwargs) -> None:
     from .runtime.engine import Engine
 
     with console.status("loading artifact"):
-        engine = Engine(artifact)
+        engine = Engine(artifact, threads=threads)
     with console.status(f"generating for {len(texts)} prompt(s)"):
         results = engine.generate(texts, **kwargs)
     for i, r in enumerate(results):
@@ -165,14 +176,68 @@ def _print_stats(results) -> None:
     new = sum(len(r.token_ids) for r in results)
     prompt = sum(r.prompt_tokens for r in results)
     table = Table(title="generation", show_header=True)
-    for col in ("batch", "prompt tokens", "prefill tok/s", "new tokens", "decode tok/s"):
-        table.add_column(col, justify="right")
+    columns = ["batch", "prompt tokens", "prefill tok/s", "new tokens", "decode tok/s"]
     decode_tokens = new - len(results)  # the first token of each sequence comes from prefill
-    table.add_row(
-        str(len(results)), str(prompt), f"{prompt / s.prefill_seconds:.1f}" if s.prefill_seconds else "-",
-        str(new), f"{decode_tokens / s.decode_seconds:.1f}" if s.decode_seconds else "-",
-    )
-    console.print(table)
+    row = [str(len(results)), str(prompt), f"{prompt / s.prefill_seconds:.1f}" if s.prefill_seconds else "-",
+           str(new), f"{decode_tokens / s.decode_seconds:.1f}" if s.decode_seconds else "-"]
+    if s.verify_steps:
+        columns += ["T_D ms", "T_V ms", "acceptance", "mean accepted"]
+        lengths = [n for r in results for n in r.accepted_lengths]
+        row += [f"{s.draft_seconds / s.draft_steps * 1e3:.1f}", f"{s.verify_seconds / s.verify_steps * 1e3:.1f}",
+                f"{s.acceptance_rate:.3f}", f"{sum(lengths) / len(lengths):.2f}"]
+    for col in columns:
+        table.add_column(col, justify="right")
+    table.add_row(*row)
+    out.print(table)
+
+
+@main.command("bench")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--batch", "batches", callback=_csv_ints, default="1,4,8,16", show_default=True,
+              help="Batch sizes (comma-separated).")
+@click.option("--context", "contexts", callback=_csv_ints, default="1024,2048,4096,8192", show_default=True,
+              help="Context lengths in tokens (comma-separated).")
+@click.option("--new-tokens", type=int, default=128, show_default=True, help="Tokens per acceptance run.")
+@click.option("--draft", "drafts", default="snapkv", show_default=True,
+              help="Draft views to compare (comma-separated: snapkv,streamingllm).")
+@click.option("--budget", "budgets", callback=_csv_ints, default="256", show_default=True,
+              help="Draft KV budgets (comma-separated).")
+@click.option("--gamma", "gammas", callback=_csv_ints, default="1,2,3,4", show_default=True,
+              help="Draft lengths to try (comma-separated).")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed repeats per step (median).")
+@click.option("--text", "texts", multiple=True, type=click.Path(path_type=Path),
+              help="Prompt source texts (default: Persuasion, shipped with the package).")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all available).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results here.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="PNG of speedup against batch size, one line per context.")
+@_one_line_errors
+def bench_cmd(artifact: Path, batches, contexts, new_tokens, drafts, budgets, gammas, repeats, texts, threads,
+              json_path, plot_path) -> None:
+    """MagicDec benchmark: T_D, T_V, accepted length, T_SD, T_AR and speedup over a batch x context grid."""
+    import json
+
+    from .bench import magicdec, report
+    from .runtime.engine import Engine
+
+    kinds = [d.strip() for d in drafts.split(",") if d.strip()]
+    for kind in kinds:
+        if kind not in ("snapkv", "streamingllm"):
+            raise UserError(f"unknown draft {kind!r}; choose from snapkv, streamingllm")
+    cfg = magicdec.BenchConfig(batches, contexts, gammas, kinds, budgets, new_tokens, repeats)
+    sources = [_read_prompt(p) for p in texts] or [
+        resources.files("mlc_magicdec").joinpath("data", "persuasion.txt").read_text(encoding="utf-8")]
+    engine = Engine(artifact, threads=threads)
+    header = report.header(engine, " ".join(sys.argv))
+    out.print(header, highlight=False)
+    results = magicdec.run(engine, sources, cfg, progress=lambda m: console.print(f"[dim]{m}[/dim]"))
+    results["header"] = header
+    out.print(report.magicdec_table(results))
+    out.print(report.acceptance_table(results))
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2, default=str))
+    if plot_path:
+        report.plot_speedup(results, plot_path)
 
 
 def _is_current(artifact: Path) -> bool:

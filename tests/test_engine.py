@@ -152,14 +152,15 @@ def eos_case(tiny_llama, tmp_path_factory):
     folder, _, engine = tiny_llama
     prompts = _prompts(14)
     full = [r.token_ids for r in engine.generate(prompts, max_new_tokens=16, stop_at_eos=False)]
-    others = set(full[1]) | set(full[2]) | {2}
+    others = set(full[1]) | set(full[2])
     step = next(k for k in range(3, 16) if full[0][k] not in set(full[0][:k]) | others)
     eos = full[0][step]
+    unused = min(set(range(3, TINY_VOCAB)) - set().union(*full))  # a second EOS id that never comes up
     copy = copy_folder(folder, tmp_path_factory.mktemp("eos") / "llama-eos")
-    set_eos(copy, [2, eos])
+    set_eos(copy, [unused, eos])  # replaces the default EOS (2)
     artifact = compile_model(copy, copy.parent / "artifact", target="llvm", quiet=True)
     eos_engine = Engine(artifact)
-    assert set(eos_engine.config.eos_token_ids) == {2, eos}
+    assert set(eos_engine.config.eos_token_ids) == {unused, eos}
     return eos_engine, prompts, full, step, eos
 
 

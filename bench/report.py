@@ -1,0 +1,68 @@
+"""Tables and plots for benchmark results; every table says what was run, on what, with which settings."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+from rich.table import Table
+
+from ..runtime.engine import Engine
+
+
+def header(engine: Engine, command: str) -> str:
+    """One line naming the command, model, target, dtype and threads of a benchmark run."""
+    cfg = engine.artifact.config
+    model = Path(cfg.get("source", "?")).name
+    return (f"command: {command} | model: {model} ({cfg['model']['family']}, {cfg['dtype']}) | "
+            f"target: {cfg['target']['kind']} on {platform.processor() or platform.machine()} | "
+            f"threads: {engine.threads}")
+
+
+def magicdec_table(results: dict) -> Table:
+    """The paper-style table: one row per (batch, context) at its best draft setting."""
+    table = Table(title="MagicDec (times in ms; T_SD = (gamma*T_D + T_V) / accepted length)")
+    for col in ("batch", "context", "draft/budget", "gamma", "T_D", "T_V", "acc. len", "T_SD", "T_AR",
+                "speedup", "e2e (batch 2)"):
+        table.add_column(col, justify="right")
+    for c in results["cells"]:
+        table.add_row(
+            str(c["batch"]), str(c["context"]), f"{c['draft']}/{c['budget']}", str(c["gamma"]),
+            f"{c['T_D_best'] * 1e3:.1f}", f"{c['T_V_best'] * 1e3:.1f}", f"{c['accepted_length']:.2f}",
+            f"{c['T_SD'] * 1e3:.1f}", f"{c['T_AR'] * 1e3:.1f}", f"{c['speedup']:.2f}x",
+            f"{c['e2e_speedup_batch2']:.2f}x",
+        )
+    return table
+
+
+def acceptance_table(results: dict) -> Table:
+    """Acceptance rate and mean accepted length per context, draft, budget and gamma."""
+    table = Table(title="acceptance (greedy, Austen prompts)")
+    for col in ("context", "draft/budget/gamma", "acceptance rate", "mean accepted length"):
+        table.add_column(col, justify="right")
+    for context, acc in results["acceptance"].items():
+        for key, rate in acc["acceptance_rate"].items():
+            table.add_row(str(context), key, f"{rate:.3f}", f"{acc['accepted_length'][key]:.2f}")
+    return table
+
+
+def plot_speedup(results: dict, path: Path) -> None:
+    """PNG: speedup against batch size, one line per context length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for context in sorted({c["context"] for c in results["cells"]}):
+        cells = sorted((c for c in results["cells"] if c["context"] == context), key=lambda c: c["batch"])
+        ax.plot([c["batch"] for c in cells], [c["speedup"] for c in cells], marker="o", label=f"{context} tokens")
+    ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("speedup over plain decoding")
+    ax.set_title("MagicDec self-speculation")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
