@@ -66,3 +66,15 @@ def plot_speedup(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def peers_table(rows: list[dict], ratios: dict) -> Table:
+    """Plain decoding throughput per system and cell, with our decode speed relative to transformers."""
+    table = Table(title="plain decoding (medians)")
+    for col in ("batch", "context", "system", "prefill tok/s", "decode tok/s", "ms/step", "ours / transformers"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        ratio = f"{ratios[r['batch'], r['context']]:.2f}x" if r["system"] == "ours" else ""
+        table.add_row(str(r["batch"]), str(r["context"]), r["system"], f"{r['prefill_tok_s']:.1f}",
+                      f"{r['decode_tok_s']:.1f}", f"{r['decode_ms_per_step']:.1f}", ratio)
+    return table

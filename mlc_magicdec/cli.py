@@ -211,14 +211,20 @@ def _print_stats(results) -> None:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results here.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="PNG of speedup against batch size, one line per context.")
+@click.option("--peers", is_flag=True,
+              help="Instead: plain decoding, ours against transformers (CPU, fp32), same prompts and threads.")
 @_one_line_errors
 def bench_cmd(artifact: Path, batches, contexts, new_tokens, drafts, budgets, gammas, repeats, texts, threads,
-              json_path, plot_path) -> None:
+              json_path, plot_path, peers) -> None:
     """MagicDec benchmark: T_D, T_V, accepted length, T_SD, T_AR and speedup over a batch x context grid."""
     import json
 
     from .bench import magicdec, report
     from .runtime.engine import Engine
+
+    if peers:
+        _bench_peers(artifact, batches, contexts, new_tokens, repeats, texts, threads, json_path)
+        return
 
     kinds = [d.strip() for d in drafts.split(",") if d.strip()]
     for kind in kinds:
@@ -238,6 +244,24 @@ def bench_cmd(artifact: Path, batches, contexts, new_tokens, drafts, budgets, ga
         json_path.write_text(json.dumps(results, indent=2, default=str))
     if plot_path:
         report.plot_speedup(results, plot_path)
+
+
+def _bench_peers(artifact, batches, contexts, new_tokens, repeats, texts, threads, json_path) -> None:
+    import json
+
+    from .bench import magicdec, peers, report
+    from .runtime.engine import Engine
+
+    sources = [_read_prompt(p) for p in texts] or [
+        resources.files("mlc_magicdec").joinpath("data", "persuasion.txt").read_text(encoding="utf-8")]
+    engine = Engine(artifact, threads=threads)
+    header = report.header(engine, " ".join(sys.argv))
+    out.print(header, highlight=False)
+    cells = {(b, c): magicdec.prompts_for(engine, sources, c, b) for b in batches for c in contexts}
+    rows = peers.compare(engine, cells, new_tokens, repeats, progress=lambda m: console.print(f"[dim]{m}[/dim]"))
+    out.print(report.peers_table(rows, peers.ratios(rows)))
+    if json_path:
+        json_path.write_text(json.dumps({"header": header, "rows": rows}, indent=2))
 
 
 def _is_current(artifact: Path) -> bool:

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from mlc_magicdec.runtime.engine import Engine
-from mlc_magicdec.runtime.sampling import SamplingParams
 
 from conftest import FAMILIES, TINY_VOCAB
 
@@ -42,21 +41,13 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def prefill(engine: Engine, prompts: list[list[int]], room: int) -> tuple[list, np.ndarray]:
-    """Prefill ``prompts`` as one batch (with KV room for ``room`` more tokens each); last-position logits."""
-    requests = engine._requests(prompts, room, SamplingParams())
-    engine._reserve(engine.target, requests, slack=0)
-    return requests, engine._prefill(engine.target, requests)
-
-
-def decode(engine: Engine, requests, tokens: list[int]) -> np.ndarray:
+def decode(engine: Engine, seq_ids: list[int], tokens: list[int]) -> np.ndarray:
     """One decode step: feed ``tokens[i]`` to sequence ``i`` at its next position; returns its logits."""
     runner = engine.target
-    positions = np.array([runner.pages.length(r.seq_id) for r in requests])
-    logits = runner.forward("decode", np.array(tokens), np.arange(len(requests)), positions,
-                            [r.seq_id for r in requests])
-    for r, p in zip(requests, positions):
-        runner.pages.set_length(r.seq_id, int(p) + 1)
+    positions = np.array([runner.pages.length(s) for s in seq_ids])
+    logits = runner.forward("decode", np.array(tokens), np.arange(len(seq_ids)), positions, seq_ids)
+    for s, p in zip(seq_ids, positions):
+        runner.pages.set_length(s, int(p) + 1)
     return logits
 
 
@@ -64,20 +55,27 @@ def _check_prefill_then_decode(engine: Engine, model, prompts: list[list[int]]) 
     rng = np.random.default_rng(123)
     forced = [rng.integers(3, TINY_VOCAB, DECODE_STEPS).tolist() for _ in prompts]  # teacher-forced tokens
     expected = [hf_logits(model, p + f) for p, f in zip(prompts, forced)]
-    requests, last = prefill(engine, prompts, room=DECODE_STEPS)
-    try:
-        assert last.shape == (len(prompts), TINY_VOCAB)
+    with engine.prefill(prompts, max_new_tokens=DECODE_STEPS) as batch:
+        assert batch.logits.shape == (len(prompts), TINY_VOCAB)
         for i, p in enumerate(prompts):
-            np.testing.assert_allclose(last[i], expected[i][len(p) - 1], rtol=0, atol=ATOL,
+            np.testing.assert_allclose(batch.logits[i], expected[i][len(p) - 1], rtol=0, atol=ATOL,
                                        err_msg=f"prefill logits of prompt {i} ({len(p)} tokens)")
         for step in range(DECODE_STEPS):
-            logits = decode(engine, requests, [f[step] for f in forced])
+            logits = decode(engine, batch.seq_ids, [f[step] for f in forced])
             assert logits.shape == (len(prompts), TINY_VOCAB)
             for i, p in enumerate(prompts):
                 np.testing.assert_allclose(logits[i], expected[i][len(p) + step], rtol=0, atol=ATOL,
                                            err_msg=f"decode step {step} of prompt {i}")
-    finally:
-        engine._release(engine.target, requests)
+
+
+def _verify(engine: Engine, seq_ids: list[int], new: list[list[int]], starts: list[int]) -> np.ndarray:
+    """Run ``verify`` on tokens ``new[i]`` of sequence ``i`` at positions ``starts[i]...`` (one ragged call)."""
+    tokens = np.concatenate([np.array(n) for n in new])
+    rows = np.concatenate([np.full(len(n), i) for i, n in enumerate(new)])
+    positions = np.concatenate([np.arange(s, s + len(n)) for s, n in zip(starts, new)])
+    logits = engine.target.forward("verify", tokens, rows, positions, seq_ids)
+    assert logits.shape == (len(tokens), TINY_VOCAB)
+    return logits
 
 
 def test_oracle_logits_are_not_trivial(tiny):
@@ -109,20 +107,11 @@ def test_single_token_prompts(tiny):
 
 
 def test_verify_logits_at_every_position(tiny):
-    """``verify`` on whole prompts (a ragged batch of 3 rows) gives the logits of every position."""
+    """``verify`` over whole prompts (a ragged batch of 3 rows, from position 0) gives every position's logits."""
     engine, model = tiny
     prompts = _prompts(4)
-    runner = engine.target
-    requests = engine._requests(prompts, 1, SamplingParams())
-    engine._reserve(runner, requests, slack=0)
-    try:
-        tokens = np.concatenate([np.array(p) for p in prompts])
-        rows = np.concatenate([np.full(len(p), i) for i, p in enumerate(prompts)])
-        positions = np.concatenate([np.arange(len(p)) for p in prompts])
-        logits = runner.forward("verify", tokens, rows, positions, [r.seq_id for r in requests])
-    finally:
-        engine._release(runner, requests)
-    assert logits.shape == (len(tokens), TINY_VOCAB)
+    with engine.prefill(prompts, max_new_tokens=1) as batch:  # reserves the pages; verify rewrites the KV
+        logits = _verify(engine, batch.seq_ids, prompts, [0] * len(prompts))
     start = 0
     for i, p in enumerate(prompts):
         np.testing.assert_allclose(logits[start:start + len(p)], hf_logits(model, p), rtol=0, atol=ATOL,
@@ -135,15 +124,8 @@ def test_verify_after_prefill_matches_transformers(tiny):
     engine, model = tiny
     prompts = _prompts(5)
     new = [np.random.default_rng(6 + i).integers(3, TINY_VOCAB, 5).tolist() for i in range(len(prompts))]
-    requests, _ = prefill(engine, prompts, room=len(new[0]))
-    runner = engine.target
-    try:
-        tokens = np.concatenate([np.array(n) for n in new])
-        rows = np.concatenate([np.full(len(n), i) for i, n in enumerate(new)])
-        positions = np.concatenate([np.arange(len(p), len(p) + len(n)) for p, n in zip(prompts, new)])
-        logits = runner.forward("verify", tokens, rows, positions, [r.seq_id for r in requests])
-    finally:
-        engine._release(runner, requests)
+    with engine.prefill(prompts, max_new_tokens=len(new[0])) as batch:
+        logits = _verify(engine, batch.seq_ids, new, [len(p) for p in prompts])
     for i, (p, n) in enumerate(zip(prompts, new)):
         want = hf_logits(model, p + n)[len(p):]
         np.testing.assert_allclose(logits[i * len(n):(i + 1) * len(n)], want, rtol=0, atol=ATOL,

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from mlc_magicdec.runtime.engine import Engine
-from mlc_magicdec.runtime.sampling import SamplingParams
 
 pytestmark = pytest.mark.smollm2
 
@@ -58,12 +57,8 @@ def hf_greedy(hf_model, prompt_1000):
 def test_last_position_logits_match_transformers(engine, prompt_1000, hf_greedy):
     _, want = hf_greedy
     assert len(prompt_1000) == 1000
-    requests = engine._requests([prompt_1000], 1, SamplingParams())
-    engine._reserve(engine.target, requests, slack=0)
-    try:
-        got = engine._prefill(engine.target, requests)[0]
-    finally:
-        engine._release(engine.target, requests)
+    with engine.prefill([prompt_1000], max_new_tokens=1) as batch:
+        got = batch.logits[0]
     assert got.shape == want.shape == (engine.config.vocab_size,)
     assert want.std() > 1.0  # real logits, far wider than the tolerance
     np.testing.assert_allclose(got, want, rtol=0, atol=LOGITS_ATOL)
