@@ -2,15 +2,17 @@
 
 Two kinds of measurement, both in one run:
 
-- **Step costs** at every (batch, context): ``T_AR`` (one plain decode step), ``T_D`` (one draft step through the
-  compressed view) and ``T_V(gamma)`` (one verification of ``gamma + 1`` tokens a sequence), each the median of
-  ``repeats`` timed calls, measured side by side on the same pool. The KV content is zeros: these kernels do the
+- **Step costs** at every (batch, context): ``T_AR`` (one plain decode step), ``T_D`` (one draft step
+  through the compressed view) and ``T_V(gamma)`` (one verification of ``gamma + 1`` tokens a sequence),
+  each the median of ``repeats`` timed calls, measured side by side on the same pool. The KV content is
+  zeros: these kernels do the
   same work whatever the values, and it lets a batch of 16 x 8k run without prefilling 128k tokens.
 - **Acceptance** at every context: real speculative decoding of Austen prompts (greedy), giving the mean
   accepted length per round (bonus token included) and the acceptance rate for each draft, budget and gamma.
   Each sequence accepts independently of its batch, so this does not depend on the batch size.
 
-Then, as in the paper, ``T_SD = (gamma * T_D + T_V(gamma)) / accepted_length`` and ``speedup = T_AR / T_SD``, at
+Then, as in the paper, ``T_SD = (gamma * T_D + T_V(gamma)) / accepted_length`` and
+``speedup = T_AR / T_SD``, at
 the best gamma for each cell. An end-to-end check runs plain and speculative ``decode`` on the same prefilled
 prompts and reports the measured speedup next to the predicted one.
 """
@@ -57,12 +59,21 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
 def synthetic_view(settings: DraftSettings, context: int, layers: int, heads: int, rng) -> CompressedView:
     """A view with the settings' shape: sinks for StreamingLLM, scattered positions for SnapKV."""
     if settings.kind == "streamingllm":
-        static = np.broadcast_to(np.arange(settings.sink, dtype=np.int32), (layers, heads, settings.sink)).copy()
+        static = np.broadcast_to(
+            np.arange(settings.sink, dtype=np.int32), (layers, heads, settings.sink)
+        ).copy()
         return CompressedView(static, settings.budget - settings.sink, settings.sink)
     candidates = context - settings.window
     keep = min(settings.budget - settings.window, candidates)
-    static = np.sort(np.stack([np.stack([rng.choice(candidates, keep, replace=False) for _ in range(heads)])
-                               for _ in range(layers)]), axis=-1).astype(np.int32)
+    static = np.sort(
+        np.stack(
+            [
+                np.stack([rng.choice(candidates, keep, replace=False) for _ in range(heads)])
+                for _ in range(layers)
+            ]
+        ),
+        axis=-1,
+    ).astype(np.int32)
     return CompressedView(static, settings.window, candidates)
 
 
@@ -82,23 +93,33 @@ def step_costs(engine: Engine, batch: int, context: int, cfg: BenchConfig) -> di
     try:
         rows = np.arange(batch)
         positions = np.full(batch, context)
-        out = {"T_AR": median_time(lambda: runner.forward("decode", tokens[:batch], rows, positions, ids),
-                                   cfg.repeats), "T_D": {}, "T_V": {}}
+        out = {
+            "T_AR": median_time(
+                lambda: runner.forward("decode", tokens[:batch], rows, positions, ids), cfg.repeats
+            ),
+            "T_D": {},
+            "T_V": {},
+        }
         for kind in cfg.drafts:
             for budget in cfg.budgets:
                 settings = DraftSettings(kind, budget)
-                views = [synthetic_view(settings, context, model.num_layers, model.num_kv_heads, rng)
-                         for _ in ids]
+                views = [
+                    synthetic_view(settings, context, model.num_layers, model.num_kv_heads, rng) for _ in ids
+                ]
                 static_pos, static_len = pack_views(views)
                 window_start = np.array([v.window_start(context) for v in views], np.int32)
                 out["T_D"][f"{kind}/{budget}"] = median_time(
-                    lambda: runner.forward("draft", tokens[:batch], rows, positions, ids, static_pos, static_len,
-                                           window_start), cfg.repeats)
+                    lambda: runner.forward(
+                        "draft", tokens[:batch], rows, positions, ids, static_pos, static_len, window_start
+                    ),
+                    cfg.repeats,
+                )
         for g in cfg.gammas:
             seq_rows = np.repeat(rows, g + 1)
             pos = (context + np.tile(np.arange(g + 1), batch)).astype(np.int64)
             out["T_V"][g] = median_time(
-                lambda: runner.forward("verify", tokens[: batch * (g + 1)], seq_rows, pos, ids), cfg.repeats)
+                lambda: runner.forward("verify", tokens[: batch * (g + 1)], seq_rows, pos, ids), cfg.repeats
+            )
         return out
     finally:
         for s in ids:
@@ -114,7 +135,9 @@ def acceptance(engine: Engine, prompts: list[list[int]], cfg: BenchConfig) -> di
         for kind in cfg.drafts:
             for budget in cfg.budgets:
                 for g in cfg.gammas:
-                    res = engine.decode(batch, stop_at_eos=False, speculate=True, draft=kind, budget=budget, gamma=g)
+                    res = engine.decode(
+                        batch, stop_at_eos=False, speculate=True, draft=kind, budget=budget, gamma=g
+                    )
                     if any(a.token_ids != b.token_ids for a, b in zip(plain, res)):
                         raise AssertionError("speculative output differs from plain greedy decoding")
                     key = f"{kind}/{budget}/{g}"
@@ -132,7 +155,7 @@ def prompts_for(engine: Engine, texts: list[str], context: int, count: int) -> l
     for i in range(count):
         source = ids[i % len(ids)]
         start = (len(source) // (count + 1)) * (i // len(ids) + 1) % max(len(source) - context, 1)
-        chunk = source[start: start + context]
+        chunk = source[start : start + context]
         if len(chunk) < context:
             raise ValueError(f"the prompt texts are too short for a {context}-token context")
         out.append(chunk)
@@ -145,12 +168,19 @@ def run(engine: Engine, texts: list[str], cfg: BenchConfig, progress: Callable[[
     for context in cfg.contexts:
         progress(f"acceptance at context {context}")
         results["acceptance"][context] = acceptance(
-            engine, prompts_for(engine, texts, context - cfg.new_tokens, ACCEPTANCE_PROMPTS), cfg)
+            engine, prompts_for(engine, texts, context - cfg.new_tokens, ACCEPTANCE_PROMPTS), cfg
+        )
         for batch in cfg.batches:
             progress(f"step costs at batch {batch}, context {context}")
             costs = step_costs(engine, batch, context, cfg)
-            results["cells"].append({"batch": batch, "context": context, **costs,
-                                     **best_setting(costs, results["acceptance"][context], cfg)})
+            results["cells"].append(
+                {
+                    "batch": batch,
+                    "context": context,
+                    **costs,
+                    **best_setting(costs, results["acceptance"][context], cfg),
+                }
+            )
     return results
 
 
@@ -164,8 +194,15 @@ def best_setting(costs: dict, acc: dict, cfg: BenchConfig) -> dict:
                 length = acc["accepted_length"][f"{kind}/{budget}/{g}"]
                 t_sd = (g * t_d + costs["T_V"][g]) / length
                 if best is None or t_sd < best["T_SD"]:
-                    best = {"draft": kind, "budget": budget, "gamma": g, "T_D_best": t_d,
-                            "T_V_best": costs["T_V"][g], "accepted_length": length, "T_SD": t_sd,
-                            "speedup": costs["T_AR"] / t_sd,
-                            "e2e_speedup_batch2": acc["e2e"][f"{kind}/{budget}/{g}"]}
+                    best = {
+                        "draft": kind,
+                        "budget": budget,
+                        "gamma": g,
+                        "T_D_best": t_d,
+                        "T_V_best": costs["T_V"][g],
+                        "accepted_length": length,
+                        "T_SD": t_sd,
+                        "speedup": costs["T_AR"] / t_sd,
+                        "e2e_speedup_batch2": acc["e2e"][f"{kind}/{budget}/{g}"],
+                    }
     return best

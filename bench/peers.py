@@ -1,4 +1,4 @@
-"""Plain decoding, ours against Hugging Face ``transformers`` (torch, CPU, fp32), on the same prompts and threads.
+"""Plain decoding, ours against Hugging Face ``transformers`` (torch, CPU, fp32): same prompts, same threads.
 
 For each (batch, context): prefill tokens/s (the batch's prompts, once per repeat) and decode tokens/s
 (``new_tokens`` greedy steps after the prefill), medians over ``repeats``, in one run: each system does a
@@ -34,7 +34,9 @@ class TransformersPeer:
         torch.set_num_threads(threads)
         path = Path(source)
         if path.suffix == ".gguf":
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32
+            )
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         self.model, self.torch = model.eval(), torch
@@ -58,12 +60,20 @@ class TransformersPeer:
         return t1 - t0, (t2 - t1) / max(new_tokens - 1, 1)
 
 
-def compare(engine: Engine, prompts_by_cell: dict[tuple[int, int], list[list[int]]], new_tokens: int,
-            repeats: int, progress=print) -> list[dict]:
+def compare(
+    engine: Engine,
+    prompts_by_cell: dict[tuple[int, int], list[list[int]]],
+    new_tokens: int,
+    repeats: int,
+    progress=print,
+) -> list[dict]:
     """Median prefill and decode throughput of ours and ``transformers`` for each (batch, context) cell."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's idle threads must not spin against ours
     peer = TransformersPeer(engine.artifact.config["source"], engine.threads)
-    systems = {"ours": lambda p: ours(engine, p, new_tokens), "transformers": lambda p: peer.run(p, new_tokens)}
+    systems = {
+        "ours": lambda p: ours(engine, p, new_tokens),
+        "transformers": lambda p: peer.run(p, new_tokens),
+    }
     rows = []
     for (batch, context), prompts in prompts_by_cell.items():
         runs: dict[str, list[tuple[float, float]]] = {}
@@ -74,15 +84,25 @@ def compare(engine: Engine, prompts_by_cell: dict[tuple[int, int], list[list[int
         for name, values in runs.items():
             prefill = statistics.median(v[0] for v in values)
             step = statistics.median(v[1] for v in values)
-            rows.append({"system": name, "batch": batch, "context": context,
-                         "prefill_tok_s": batch * context / prefill, "decode_tok_s": batch / step,
-                         "decode_ms_per_step": step * 1e3, "runs": values})
+            rows.append(
+                {
+                    "system": name,
+                    "batch": batch,
+                    "context": context,
+                    "prefill_tok_s": batch * context / prefill,
+                    "decode_tok_s": batch / step,
+                    "decode_ms_per_step": step * 1e3,
+                    "runs": values,
+                }
+            )
     return rows
 
 
 def ratios(rows: list[dict]) -> dict[tuple[int, int], float]:
     """Our decode tokens/s divided by ``transformers``', per cell."""
     by = {(r["system"], r["batch"], r["context"]): r for r in rows}
-    return {(b, c): by["ours", b, c]["decode_tok_s"] / by["transformers", b, c]["decode_tok_s"]
-            for (s, b, c) in by if s == "ours"}
-
+    return {
+        (b, c): by["ours", b, c]["decode_tok_s"] / by["transformers", b, c]["decode_tok_s"]
+        for (s, b, c) in by
+        if s == "ours"
+    }

@@ -14,22 +14,42 @@ def header(engine: Engine, command: str) -> str:
     """One line naming the command, model, target, dtype and threads of a benchmark run."""
     cfg = engine.artifact.config
     model = Path(cfg.get("source", "?")).name
-    return (f"command: {command} | model: {model} ({cfg['model']['family']}, {cfg['dtype']}) | "
-            f"target: {cfg['target']['kind']} on {platform.processor() or platform.machine()} | "
-            f"threads: {engine.threads}")
+    return (
+        f"command: {command} | model: {model} ({cfg['model']['family']}, {cfg['dtype']}) | "
+        f"target: {cfg['target']['kind']} on {platform.processor() or platform.machine()} | "
+        f"threads: {engine.threads}"
+    )
 
 
 def magicdec_table(results: dict) -> Table:
     """The paper-style table: one row per (batch, context) at its best draft setting."""
     table = Table(title="MagicDec (times in ms; T_SD = (gamma*T_D + T_V) / accepted length)")
-    for col in ("batch", "context", "draft/budget", "gamma", "T_D", "T_V", "acc. len", "T_SD", "T_AR",
-                "speedup", "e2e (batch 2)"):
+    for col in (
+        "batch",
+        "context",
+        "draft/budget",
+        "gamma",
+        "T_D",
+        "T_V",
+        "acc. len",
+        "T_SD",
+        "T_AR",
+        "speedup",
+        "e2e (batch 2)",
+    ):
         table.add_column(col, justify="right")
     for c in results["cells"]:
         table.add_row(
-            str(c["batch"]), str(c["context"]), f"{c['draft']}/{c['budget']}", str(c["gamma"]),
-            f"{c['T_D_best'] * 1e3:.1f}", f"{c['T_V_best'] * 1e3:.1f}", f"{c['accepted_length']:.2f}",
-            f"{c['T_SD'] * 1e3:.1f}", f"{c['T_AR'] * 1e3:.1f}", f"{c['speedup']:.2f}x",
+            str(c["batch"]),
+            str(c["context"]),
+            f"{c['draft']}/{c['budget']}",
+            str(c["gamma"]),
+            f"{c['T_D_best'] * 1e3:.1f}",
+            f"{c['T_V_best'] * 1e3:.1f}",
+            f"{c['accepted_length']:.2f}",
+            f"{c['T_SD'] * 1e3:.1f}",
+            f"{c['T_AR'] * 1e3:.1f}",
+            f"{c['speedup']:.2f}x",
             f"{c['e2e_speedup_batch2']:.2f}x",
         )
     return table
@@ -56,7 +76,9 @@ def plot_speedup(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for context in sorted({c["context"] for c in results["cells"]}):
         cells = sorted((c for c in results["cells"] if c["context"] == context), key=lambda c: c["batch"])
-        ax.plot([c["batch"] for c in cells], [c["speedup"] for c in cells], marker="o", label=f"{context} tokens")
+        ax.plot(
+            [c["batch"] for c in cells], [c["speedup"] for c in cells], marker="o", label=f"{context} tokens"
+        )
     ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
@@ -71,10 +93,25 @@ def plot_speedup(results: dict, path: Path) -> None:
 def peers_table(rows: list[dict], ratios: dict) -> Table:
     """Plain decoding throughput per system and cell, with our decode speed relative to transformers."""
     table = Table(title="plain decoding (medians)")
-    for col in ("batch", "context", "system", "prefill tok/s", "decode tok/s", "ms/step", "ours / transformers"):
+    for col in (
+        "batch",
+        "context",
+        "system",
+        "prefill tok/s",
+        "decode tok/s",
+        "ms/step",
+        "ours / transformers",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
         ratio = f"{ratios[r['batch'], r['context']]:.2f}x" if r["system"] == "ours" else ""
-        table.add_row(str(r["batch"]), str(r["context"]), r["system"], f"{r['prefill_tok_s']:.1f}",
-                      f"{r['decode_tok_s']:.1f}", f"{r['decode_ms_per_step']:.1f}", ratio)
+        table.add_row(
+            str(r["batch"]),
+            str(r["context"]),
+            r["system"],
+            f"{r['prefill_tok_s']:.1f}",
+            f"{r['decode_tok_s']:.1f}",
+            f"{r['decode_ms_per_step']:.1f}",
+            ratio,
+        )
     return table

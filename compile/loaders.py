@@ -46,8 +46,9 @@ class WeightSource(Mapping[str, np.ndarray]):
     without reading it.
     """
 
-    def __init__(self, readers: dict[str, Callable[[], np.ndarray]], shapes: dict[str, tuple[int, ...]],
-                 source: str):
+    def __init__(
+        self, readers: dict[str, Callable[[], np.ndarray]], shapes: dict[str, tuple[int, ...]], source: str
+    ):
         self._readers = readers
         self._shapes = shapes
         self._source = source
@@ -59,14 +60,18 @@ class WeightSource(Mapping[str, np.ndarray]):
         except ModelError:
             raise
         except Exception as e:  # third-party readers raise anything on corrupt data
-            raise ModelError(f"cannot read tensor {name!r} from {self._source}: {_one_line(e)}; "
-                             "the file may be corrupt, download it again") from None
+            raise ModelError(
+                f"cannot read tensor {name!r} from {self._source}: {_one_line(e)}; "
+                "the file may be corrupt, download it again"
+            ) from None
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if not arr.flags.writeable:  # a view of a read-only memory map: give the caller its own copy
             arr = arr.copy()
         if arr.shape != self._shapes[name]:
-            raise ModelError(f"tensor {name!r} in {self._source} has shape {arr.shape}, "
-                             f"expected {self._shapes[name]}; the file does not match its config")
+            raise ModelError(
+                f"tensor {name!r} in {self._source} has shape {arr.shape}, "
+                f"expected {self._shapes[name]}; the file does not match its config"
+            )
         return arr
 
     def __iter__(self) -> Iterator[str]:
@@ -198,8 +203,9 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
             eos = list(config.eos_token_ids)
             eos += [i for i in _as_ids(gen.get("eos_token_id")) if i not in eos]
             bos = config.bos_token_id if config.bos_token_id is not None else gen.get("bos_token_id")
-            config = dataclasses.replace(config, eos_token_ids=tuple(eos),
-                                         bos_token_id=None if bos is None else int(bos))
+            config = dataclasses.replace(
+                config, eos_token_ids=tuple(eos), bos_token_id=None if bos is None else int(bos)
+            )
     except ModelError:
         raise
     except (TypeError, ValueError, AttributeError) as e:
@@ -234,8 +240,10 @@ def _safetensors_files(folder: Path) -> dict[str, Path]:
         return {name: folder / file for name, file in weight_map.items()}
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise ModelError(f"{folder} has no *.safetensors weights; download them "
-                         "(PyTorch .bin checkpoints are not supported)")
+        raise ModelError(
+            f"{folder} has no *.safetensors weights; download them "
+            "(PyTorch .bin checkpoints are not supported)"
+        )
     from safetensors import safe_open
 
     located: dict[str, Path] = {}
@@ -284,8 +292,9 @@ class _SafetensorsFile:
         entry = self._header[name]
         begin, end = entry["data_offsets"]
         shape = tuple(entry["shape"])
-        raw = np.fromfile(self.path, dtype="<u2", count=(end - begin) // 2,
-                          offset=self._header["__start__"] + begin)
+        raw = np.fromfile(
+            self.path, dtype="<u2", count=(end - begin) // 2, offset=self._header["__start__"] + begin
+        )
         return (raw.astype(np.uint32) << _BF16_SHIFT).view(np.float32).reshape(shape)
 
 
@@ -295,8 +304,10 @@ def _safetensors_weights(folder: Path, config: ModelConfig) -> WeightSource:
     missing = [n for n in expected if n not in located]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ModelError(f"{folder} lacks weight {missing[0]!r}{more}; the checkpoint is incomplete "
-                         "or does not match config.json")
+        raise ModelError(
+            f"{folder} lacks weight {missing[0]!r}{more}; the checkpoint is incomplete "
+            "or does not match config.json"
+        )
     files: dict[Path, _SafetensorsFile] = {}
     readers: dict[str, Callable[[], np.ndarray]] = {}
     for name in expected:
@@ -309,12 +320,16 @@ def _safetensors_weights(folder: Path, config: ModelConfig) -> WeightSource:
         if name not in st.names:
             raise ModelError(f"{path} has no tensor {name!r} although the index says so; the index is stale")
         if st.dtype(name) not in _FLOAT_DTYPES:
-            raise ModelError(f"tensor {name!r} in {path} has dtype {st.dtype(name)}; "
-                             "quantized safetensors checkpoints are not supported, use the float one")
+            raise ModelError(
+                f"tensor {name!r} in {path} has dtype {st.dtype(name)}; "
+                "quantized safetensors checkpoints are not supported, use the float one"
+            )
         if st.shape(name) != expected[name]:
-            raise ModelError(f"tensor {name!r} in {path} has shape {st.shape(name)}, expected "
-                             f"{expected[name]} from config.json; the checkpoint does not match its config")
-        readers[name] = (lambda st=st, name=name: st.read(name))
+            raise ModelError(
+                f"tensor {name!r} in {path} has shape {st.shape(name)}, expected "
+                f"{expected[name]} from config.json; the checkpoint does not match its config"
+            )
+        readers[name] = lambda st=st, name=name: st.read(name)
     return WeightSource(readers, expected, str(folder))
 
 
@@ -381,8 +396,10 @@ class _GGUFMeta:
     def require(self, key: str, where: str) -> Any:
         value = self.get(key)
         if value is None:
-            raise ModelError(f"{where} lacks GGUF metadata {key.format(arch=self.arch)!r}; "
-                             "the file is incomplete or not a language model")
+            raise ModelError(
+                f"{where} lacks GGUF metadata {key.format(arch=self.arch)!r}; "
+                "the file is incomplete or not a language model"
+            )
         return value
 
 
@@ -392,8 +409,10 @@ def _open_gguf(path: Path) -> Any:
     try:
         return gguf.GGUFReader(str(path), "r")
     except Exception as e:  # truncated files raise ValueError, IndexError, struct.error...
-        raise ModelError(f"cannot read GGUF file {path}: {_one_line(e)}; "
-                         "the file is truncated or not a GGUF, download it again") from None
+        raise ModelError(
+            f"cannot read GGUF file {path}: {_one_line(e)}; "
+            "the file is truncated or not a GGUF, download it again"
+        ) from None
 
 
 def _load_gguf(path: Path) -> LoadedModel:
@@ -405,12 +424,15 @@ def _load_gguf(path: Path) -> LoadedModel:
     try:
         arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     except Exception:
-        raise ModelError(f"{path} has no {gguf.Keys.General.ARCHITECTURE!r}; "
-                         "it is not a GGUF model file") from None
+        raise ModelError(
+            f"{path} has no {gguf.Keys.General.ARCHITECTURE!r}; it is not a GGUF model file"
+        ) from None
     family = _GGUF_FAMILIES.get(arch)
     if family is None:
-        raise ModelError(f"unsupported GGUF architecture {arch!r} in {path}; supported: "
-                         f"{', '.join(sorted(_GGUF_FAMILIES))}")
+        raise ModelError(
+            f"unsupported GGUF architecture {arch!r} in {path}; supported: "
+            f"{', '.join(sorted(_GGUF_FAMILIES))}"
+        )
     meta = _GGUFMeta(reader, arch)
     tensors = {t.name: t for t in reader.tensors}
     try:
@@ -419,8 +441,9 @@ def _load_gguf(path: Path) -> LoadedModel:
     except ModelError:
         raise
     except Exception as e:  # malformed metadata values
-        raise ModelError(f"bad metadata in {path}: {_one_line(e)}; "
-                         "the file is corrupt or unsupported") from None
+        raise ModelError(
+            f"bad metadata in {path}: {_one_line(e)}; the file is corrupt or unsupported"
+        ) from None
     weights = _gguf_weights(tensors, config, permute=arch in _PERMUTED_ARCHS, source=str(path))
     return LoadedModel(config=config, weights=weights, tokenizer_json=tokenizer_json, source=str(path))
 
@@ -498,12 +521,14 @@ def _llama3_rope_factors(theta: float, head_dim: int, scaling: dict[str, Any]) -
     return np.where(wavelen < orig / high, 1.0, np.where(wavelen > orig / low, factor, mid))
 
 
-def llama3_scaling_from_rope_freqs(factors: np.ndarray, theta: float, head_dim: int, orig_ctx: int,
-                                   where: str = "GGUF") -> dict[str, Any]:
+def llama3_scaling_from_rope_freqs(
+    factors: np.ndarray, theta: float, head_dim: int, orig_ctx: int, where: str = "GGUF"
+) -> dict[str, Any]:
     """Recover llama3 ``rope_scaling`` from llama.cpp's per-frequency ``rope_freqs`` factors.
 
     Raises ModelError if the factors do not follow the llama3 formula.
     """
+
     def sig(x: float) -> float:
         return float(f"{x:.{_SIGNIFICANT_DIGITS}g}")
 
@@ -519,16 +544,23 @@ def llama3_scaling_from_rope_freqs(factors: np.ndarray, theta: float, head_dim: 
         span = orig_ctx / slope
         low = sig(-intercept * span)
         high = sig(low + span)
-    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
-               "original_max_position_embeddings": orig_ctx}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": orig_ctx,
+    }
     if factors.shape != freqs.shape or not np.allclose(
-            _llama3_rope_factors(theta, head_dim, scaling), factors, rtol=_ROPE_FREQS_RTOL):
+        _llama3_rope_factors(theta, head_dim, scaling), factors, rtol=_ROPE_FREQS_RTOL
+    ):
         raise ModelError(f"{where} has rope_freqs that do not follow llama3 RoPE scaling; not supported")
     return scaling
 
 
-def _gguf_weights(tensors: dict[str, Any], config: ModelConfig, *, permute: bool,
-                  source: str) -> WeightSource:
+def _gguf_weights(
+    tensors: dict[str, Any], config: ModelConfig, *, permute: bool, source: str
+) -> WeightSource:
     expected = expected_weight_shapes(config)
     by_hf = {hf: t for t in tensors.values() if (hf := _hf_name(t.name)) is not None}
     missing = [n for n in expected if n not in by_hf]
@@ -540,8 +572,10 @@ def _gguf_weights(tensors: dict[str, Any], config: ModelConfig, *, permute: bool
         t = by_hf[name]
         gguf_shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         if math.prod(gguf_shape) != math.prod(shape) or gguf_shape[-1] != shape[-1]:
-            raise ModelError(f"tensor {t.name} in {source} has shape {gguf_shape}, expected {shape} "
-                             "from its metadata; the GGUF is inconsistent")
+            raise ModelError(
+                f"tensor {t.name} in {source} has shape {gguf_shape}, expected {shape} "
+                "from its metadata; the GGUF is inconsistent"
+            )
         n_head = None
         if permute and ".self_attn.q_proj." in name:
             n_head = config.num_heads
@@ -558,8 +592,10 @@ def _gguf_reader(t: Any, shape: tuple[int, ...], n_head: int | None, source: str
         try:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
-            raise ModelError(f"tensor {t.name} in {source} uses quantization {t.tensor_type.name}, which the "
-                             "gguf package cannot dequantize; use a file with another quantization") from None
+            raise ModelError(
+                f"tensor {t.name} in {source} uses quantization {t.tensor_type.name}, which the "
+                "gguf package cannot dequantize; use a file with another quantization"
+            ) from None
         arr = np.asarray(arr, dtype=np.float32).reshape(shape)
         return unpermute_qk(arr, n_head) if n_head else arr
 
@@ -618,8 +654,9 @@ def gguf_tokenizer_json(meta: _GGUFMeta, where: str = "GGUF") -> str:
     elif model == "llama":
         tok = _sentencepiece_tokenizer(meta, tokens, types)
     else:
-        raise ModelError(f"{where} uses tokenizer model {model!r}, which is not supported yet "
-                         "(supported: gpt2, llama)")
+        raise ModelError(
+            f"{where} uses tokenizer model {model!r}, which is not supported yet (supported: gpt2, llama)"
+        )
     _add_special_tokens(tok, tokens, types, byte_level=model == "gpt2")
     _set_post_processor(tok, meta, tokens, byte_level=model == "gpt2")
     return tok.to_str()
@@ -654,16 +691,26 @@ def _byte_level_tokenizer(meta: _GGUFMeta, tokens: list[str], where: str) -> Any
     if pre in _GPT2_PRE:
         pre_tok = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     elif pre in _DIGITS_GPT2_PRE:
-        pre_tok = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                           pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        pre_tok = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     elif pre in _REGEX_PRE:
         split, nfc, ignore_merges = _REGEX_PRE[pre]
-        pre_tok = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                           pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        pre_tok = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
         normalizer = normalizers.NFC() if nfc else None
     else:
-        raise ModelError(f"{where} uses pre-tokenizer {pre!r}, which is not supported yet; supported: "
-                         f"{', '.join(sorted(_GPT2_PRE | _DIGITS_GPT2_PRE | set(_REGEX_PRE)))}")
+        raise ModelError(
+            f"{where} uses pre-tokenizer {pre!r}, which is not supported yet; supported: "
+            f"{', '.join(sorted(_GPT2_PRE | _DIGITS_GPT2_PRE | set(_REGEX_PRE)))}"
+        )
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=ignore_merges))
     if normalizer is not None:
         tok.normalizer = normalizer
@@ -701,7 +748,8 @@ def _sentencepiece_tokenizer(meta: _GGUFMeta, tokens: list[str], types: list[int
     add_prefix = bool(meta.get(K.ADD_PREFIX, True))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement=_SPM_SPACE, prepend_scheme="first" if add_prefix else "never", split=False)
+        replacement=_SPM_SPACE, prepend_scheme="first" if add_prefix else "never", split=False
+    )
     steps = [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
@@ -715,8 +763,11 @@ def _add_special_tokens(tok: Any, tokens: list[str], types: list[int], *, byte_l
     from tokenizers import AddedToken, pre_tokenizers
 
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())
-    control = [t for t, k in zip(tokens, types, strict=True) if k == gguf.TokenType.CONTROL
-               and (not byte_level or set(t) <= alphabet)]  # anything else is a llama.cpp mislabel
+    control = [
+        t
+        for t, k in zip(tokens, types, strict=True)
+        if k == gguf.TokenType.CONTROL and (not byte_level or set(t) <= alphabet)
+    ]  # anything else is a llama.cpp mislabel
     user = [t for t, k in zip(tokens, types, strict=True) if k == gguf.TokenType.USER_DEFINED]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])

@@ -1,4 +1,4 @@
-"""One Llama-family model (Llama, Qwen2, Mistral) in ``tvm.relax.frontend.nn``, on the project's paged KV pool.
+"""One Llama-family model (Llama, Qwen2, Mistral) in ``tvm.relax.frontend.nn`` on the project's paged KV pool.
 
 The families differ only by ``ModelConfig`` (qkv bias, tied embeddings, RoPE scaling). Linear weights are
 stored ``[in_features, out_features]`` so that CPU matmuls read them without a transpose.
@@ -10,7 +10,7 @@ Exported functions (all take the token embeddings of a ragged batch, ``n`` token
   prefill; logits only at ``logit_rows`` (each sequence's last token of the chunk).
 - ``decode(embeds, <batch>, pool) -> (logits[n, vocab], pool)``: one token per sequence, the plain baseline.
 - ``verify(embeds, <batch>, pool) -> (logits[n, vocab], pool)``: ``gamma + 1`` tokens per sequence.
-- ``draft(embeds, <batch>, <sparse view>, pool) -> (logits[n, vocab], pool)``: attends through the sparse view.
+- ``draft(embeds, <batch>, <sparse view>, pool) -> (logits[n, vocab], pool)``: the sparse view.
 - ``snapkv_scores(embeds, <batch>, pool) -> (scores[layers, batch, kv_heads, positions], pool)``: SnapKV's
   observation-window scores (see ``attention.attention_scores``).
 
@@ -35,7 +35,9 @@ from .config import ModelConfig
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     """RoPE inverse frequencies in float32, computed as Hugging Face does (with Llama-3 scaling)."""
     d = cfg.head_dim
-    inv = (1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))).astype(np.float32)
+    inv = (1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))).astype(
+        np.float32
+    )
     s = cfg.rope_scaling
     if s:
         factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
@@ -148,17 +150,32 @@ class LlamaModel(nn.Module):
         return self.embed_tokens(input_ids)
 
     def prefill(self, embeds, token_slots, token_seq, token_pos, page_table, query_tiles, logit_rows, pool):
-        h, pool = self._hidden(embeds, pool, AttentionBatch(token_slots, token_seq, token_pos, page_table, query_tiles))
+        h, pool = self._hidden(
+            embeds, pool, AttentionBatch(token_slots, token_seq, token_pos, page_table, query_tiles)
+        )
         return self._logits(op.take(h, logit_rows, axis=0)), pool
 
     def decode(self, embeds, token_slots, token_seq, token_pos, page_table, query_tiles, pool):
-        h, pool = self._hidden(embeds, pool, AttentionBatch(token_slots, token_seq, token_pos, page_table, query_tiles))
+        h, pool = self._hidden(
+            embeds, pool, AttentionBatch(token_slots, token_seq, token_pos, page_table, query_tiles)
+        )
         return self._logits(h), pool
 
     verify = decode  # same graph; exported under its own name with the verify shapes
 
-    def draft(self, embeds, token_slots, token_seq, token_pos, page_table, query_tiles, static_pos, static_len,
-              window_start, pool):
+    def draft(
+        self,
+        embeds,
+        token_slots,
+        token_seq,
+        token_pos,
+        page_table,
+        query_tiles,
+        static_pos,
+        static_len,
+        window_start,
+        pool,
+    ):
         view = SparseView(static_pos, static_len, window_start)
         batch = AttentionBatch(token_slots, token_seq, token_pos, page_table, query_tiles, view)
         h, pool = self._hidden(embeds, pool, batch)
@@ -168,8 +185,9 @@ class LlamaModel(nn.Module):
         """Re-run each row's observation window (its last prompt tokens) and return, per layer, the attention
         every earlier position receives: ``[num_layers, batch, num_kv_heads, max_pages * page_size]``."""
         scores: list[Tensor] = []
-        _, pool = self._hidden(embeds, pool, AttentionBatch(token_slots, token_seq, token_pos, page_table,
-                                                             query_tiles), scores)
+        _, pool = self._hidden(
+            embeds, pool, AttentionBatch(token_slots, token_seq, token_pos, page_table, query_tiles), scores
+        )
         return op.concat([op.unsqueeze(s, 0) for s in scores], dim=0), pool
 
     def pool_shape(self) -> list:

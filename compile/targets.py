@@ -58,6 +58,8 @@ def device_from_string(device: str) -> tvm.runtime.Device:
     kind, _, index = device.partition(":")
     dev = tvm.runtime.device(kind, int(index or 0))
     if not dev.exist:
-        raise TargetError(f"this artifact runs on {device}, which this machine does not have; "
-                          f"compile it again with --target llvm to run on the CPU")
+        raise TargetError(
+            f"this artifact runs on {device}, which this machine does not have; "
+            f"compile it again with --target llvm to run on the CPU"
+        )
     return dev

@@ -38,8 +38,11 @@ def _one_line_errors(fn):
             if os.environ.get("MLC_MAGICDEC_DEBUG"):
                 raise
             msg = " ".join(str(e).split())[:300]
-            console.print(f"[red]internal error:[/red] {type(e).__name__}: {msg} "
-                          f"(set MLC_MAGICDEC_DEBUG=1 for the traceback)", highlight=False)
+            console.print(
+                f"[red]internal error:[/red] {type(e).__name__}: {msg} "
+                f"(set MLC_MAGICDEC_DEBUG=1 for the traceback)",
+                highlight=False,
+            )
             sys.exit(1)
 
     return wrapper
@@ -72,14 +75,29 @@ def fetch_model_cmd(name: str) -> None:
 
 def _compile_options(fn):
     options = [
-        click.option("--target", default="llvm", show_default=True,
-                     help="Hardware target: llvm (CPU), cuda, metal or vulkan."),
+        click.option(
+            "--target",
+            default="llvm",
+            show_default=True,
+            help="Hardware target: llvm (CPU), cuda, metal or vulkan.",
+        ),
         click.option("--dtype", default=None, help="Weight and KV dtype (default: float32 on CPU)."),
-        click.option("--cpu", default=None, help="LLVM CPU name for --target llvm (default: this machine's)."),
-        click.option("--draft", "drafts", multiple=True, type=click.Choice(["streamingllm", "snapkv"]),
-                     help="Self-speculative draft views to build in (repeatable)."),
-        click.option("--budget", type=int, default=None,
-                     help="Default KV budget of the draft's compressed view, in tokens."),
+        click.option(
+            "--cpu", default=None, help="LLVM CPU name for --target llvm (default: this machine's)."
+        ),
+        click.option(
+            "--draft",
+            "drafts",
+            multiple=True,
+            type=click.Choice(["streamingllm", "snapkv"]),
+            help="Self-speculative draft views to build in (repeatable).",
+        ),
+        click.option(
+            "--budget",
+            type=int,
+            default=None,
+            help="Default KV budget of the draft's compressed view, in tokens.",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -88,18 +106,29 @@ def _compile_options(fn):
 
 @main.command("compile")
 @click.argument("model")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact folder to create.")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact folder to create."
+)
 @_compile_options
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @_one_line_errors
-def compile_cmd(model: str, output: Path, target: str, dtype: str | None, cpu: str | None,
-                drafts: tuple[str, ...], budget: int | None, force: bool) -> None:
+def compile_cmd(
+    model: str,
+    output: Path,
+    target: str,
+    dtype: str | None,
+    cpu: str | None,
+    drafts: tuple[str, ...],
+    budget: int | None,
+    force: bool,
+) -> None:
     """Compile MODEL (a GGUF file, a Hugging Face folder, or 'smollm2') into an artifact folder."""
     from .compile.build import compile_model
 
     path = _model_path(model)
-    out = compile_model(path, output, target=target, dtype=dtype, cpu=cpu, drafts=drafts, budget=budget,
-                        force=force)
+    out = compile_model(
+        path, output, target=target, dtype=dtype, cpu=cpu, drafts=drafts, budget=budget, force=force
+    )
     click.echo(out)
 
 
@@ -113,10 +142,20 @@ def _model_path(model: str) -> Path:
 
 def _generation_options(fn):
     options = [
-        click.option("--max-new-tokens", type=int, default=128, show_default=True,
-                     help="Most tokens to generate per prompt."),
-        click.option("--temperature", type=float, default=0.0, show_default=True,
-                     help="Sampling temperature; 0 is greedy."),
+        click.option(
+            "--max-new-tokens",
+            type=int,
+            default=128,
+            show_default=True,
+            help="Most tokens to generate per prompt.",
+        ),
+        click.option(
+            "--temperature",
+            type=float,
+            default=0.0,
+            show_default=True,
+            help="Sampling temperature; 0 is greedy.",
+        ),
         click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass."),
         click.option("--seed", type=int, default=None, help="Random seed for reproducible sampling."),
     ]
@@ -128,33 +167,66 @@ def _generation_options(fn):
 @main.command("generate")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeat for a batch).")
-@click.option("--prompt-file", "prompt_files", multiple=True, type=click.Path(path_type=Path),
-              help="File whose text is a prompt (repeat for a batch).")
+@click.option(
+    "--prompt-file",
+    "prompt_files",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="File whose text is a prompt (repeat for a batch).",
+)
 @_generation_options
 @click.option("--speculate", is_flag=True, help="Use MagicDec self-speculative decoding.")
-@click.option("--draft", type=click.Choice(["snapkv", "streamingllm"]), default="snapkv", show_default=True,
-              help="How the draft compresses the KV cache.")
-@click.option("--budget", type=int, default=None, help="KV entries the draft attends to (default: artifact's).")
+@click.option(
+    "--draft",
+    type=click.Choice(["snapkv", "streamingllm"]),
+    default="snapkv",
+    show_default=True,
+    help="How the draft compresses the KV cache.",
+)
+@click.option(
+    "--budget", type=int, default=None, help="KV entries the draft attends to (default: artifact's)."
+)
 @click.option("--gamma", type=int, default=3, show_default=True, help="Draft tokens per verification.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all available).")
 @_one_line_errors
-def generate_cmd(artifact: Path, prompts: tuple[str, ...], prompt_files: tuple[Path, ...], max_new_tokens: int,
-                 temperature: float, top_p: float, seed: int | None, speculate: bool, draft: str,
-                 budget: int | None, gamma: int, threads: int | None) -> None:
+def generate_cmd(
+    artifact: Path,
+    prompts: tuple[str, ...],
+    prompt_files: tuple[Path, ...],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    speculate: bool,
+    draft: str,
+    budget: int | None,
+    gamma: int,
+    threads: int | None,
+) -> None:
     """Generate continuations of the prompts with the compiled ARTIFACT."""
     texts = list(prompts) + [_read_prompt(p) for p in prompt_files]
     if not texts:
         raise UserError("give at least one --prompt or --prompt-file")
     spec = {"speculate": True, "draft": draft, "budget": budget, "gamma": gamma} if speculate else {}
-    _generate(artifact, texts, threads=threads, max_new_tokens=max_new_tokens, temperature=temperature,
-              top_p=top_p, seed=seed, **spec)
+    _generate(
+        artifact,
+        texts,
+        threads=threads,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        **spec,
+    )
 
 
 def _read_prompt(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read prompt file {path}: {e.strerror if isinstance(e, OSError) else e}") from None
+        raise UserError(
+            f"cannot read prompt file {path}: {e.strerror if isinstance(e, OSError) else e}"
+        ) from None
 
 
 def _generate(artifact: Path, texts: list[str], threads: int | None = None, **kwargs) -> None:
@@ -166,7 +238,9 @@ def _generate(artifact: Path, texts: list[str], threads: int | None = None, **kw
         results = engine.generate(texts, **kwargs)
     for i, r in enumerate(results):
         if len(results) > 1:
-            click.echo(f"--- [{i}] ({r.prompt_tokens} prompt tokens, {len(r.token_ids)} new, {r.finish_reason})")
+            click.echo(
+                f"--- [{i}] ({r.prompt_tokens} prompt tokens, {len(r.token_ids)} new, {r.finish_reason})"
+            )
         click.echo(r.text)
     _print_stats(results)
 
@@ -178,13 +252,22 @@ def _print_stats(results) -> None:
     table = Table(title="generation", show_header=True)
     columns = ["batch", "prompt tokens", "prefill tok/s", "new tokens", "decode tok/s"]
     decode_tokens = new - len(results)  # the first token of each sequence comes from prefill
-    row = [str(len(results)), str(prompt), f"{prompt / s.prefill_seconds:.1f}" if s.prefill_seconds else "-",
-           str(new), f"{decode_tokens / s.decode_seconds:.1f}" if s.decode_seconds else "-"]
+    row = [
+        str(len(results)),
+        str(prompt),
+        f"{prompt / s.prefill_seconds:.1f}" if s.prefill_seconds else "-",
+        str(new),
+        f"{decode_tokens / s.decode_seconds:.1f}" if s.decode_seconds else "-",
+    ]
     if s.verify_steps:
         columns += ["T_D ms", "T_V ms", "acceptance", "mean accepted"]
         lengths = [n for r in results for n in r.accepted_lengths]
-        row += [f"{s.draft_seconds / s.draft_steps * 1e3:.1f}", f"{s.verify_seconds / s.verify_steps * 1e3:.1f}",
-                f"{s.acceptance_rate:.3f}", f"{sum(lengths) / len(lengths):.2f}"]
+        row += [
+            f"{s.draft_seconds / s.draft_steps * 1e3:.1f}",
+            f"{s.verify_seconds / s.verify_steps * 1e3:.1f}",
+            f"{s.acceptance_rate:.3f}",
+            f"{sum(lengths) / len(lengths):.2f}",
+        ]
     for col in columns:
         table.add_column(col, justify="right")
     table.add_row(*row)
@@ -193,29 +276,86 @@ def _print_stats(results) -> None:
 
 @main.command("bench")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--batch", "batches", callback=_csv_ints, default="1,4,8,16", show_default=True,
-              help="Batch sizes (comma-separated).")
-@click.option("--context", "contexts", callback=_csv_ints, default="1024,2048,4096,8192", show_default=True,
-              help="Context lengths in tokens (comma-separated).")
+@click.option(
+    "--batch",
+    "batches",
+    callback=_csv_ints,
+    default="1,4,8,16",
+    show_default=True,
+    help="Batch sizes (comma-separated).",
+)
+@click.option(
+    "--context",
+    "contexts",
+    callback=_csv_ints,
+    default="1024,2048,4096,8192",
+    show_default=True,
+    help="Context lengths in tokens (comma-separated).",
+)
 @click.option("--new-tokens", type=int, default=128, show_default=True, help="Tokens per acceptance run.")
-@click.option("--draft", "drafts", default="snapkv", show_default=True,
-              help="Draft views to compare (comma-separated: snapkv,streamingllm).")
-@click.option("--budget", "budgets", callback=_csv_ints, default="256", show_default=True,
-              help="Draft KV budgets (comma-separated).")
-@click.option("--gamma", "gammas", callback=_csv_ints, default="1,2,3,4", show_default=True,
-              help="Draft lengths to try (comma-separated).")
+@click.option(
+    "--draft",
+    "drafts",
+    default="snapkv",
+    show_default=True,
+    help="Draft views to compare (comma-separated: snapkv,streamingllm).",
+)
+@click.option(
+    "--budget",
+    "budgets",
+    callback=_csv_ints,
+    default="256",
+    show_default=True,
+    help="Draft KV budgets (comma-separated).",
+)
+@click.option(
+    "--gamma",
+    "gammas",
+    callback=_csv_ints,
+    default="1,2,3,4",
+    show_default=True,
+    help="Draft lengths to try (comma-separated).",
+)
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed repeats per step (median).")
-@click.option("--text", "texts", multiple=True, type=click.Path(path_type=Path),
-              help="Prompt source texts (default: Persuasion, shipped with the package).")
+@click.option(
+    "--text",
+    "texts",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Prompt source texts (default: Persuasion, shipped with the package).",
+)
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all available).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results here.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
-              help="PNG of speedup against batch size, one line per context.")
-@click.option("--peers", is_flag=True,
-              help="Instead: plain decoding, ours against transformers (CPU, fp32), same prompts and threads.")
+@click.option(
+    "--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results here."
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="PNG of speedup against batch size, one line per context.",
+)
+@click.option(
+    "--peers",
+    is_flag=True,
+    help="Instead: plain decoding, ours against transformers (CPU, fp32), same prompts and threads.",
+)
 @_one_line_errors
-def bench_cmd(artifact: Path, batches, contexts, new_tokens, drafts, budgets, gammas, repeats, texts, threads,
-              json_path, plot_path, peers) -> None:
+def bench_cmd(
+    artifact: Path,
+    batches,
+    contexts,
+    new_tokens,
+    drafts,
+    budgets,
+    gammas,
+    repeats,
+    texts,
+    threads,
+    json_path,
+    plot_path,
+    peers,
+) -> None:
     """MagicDec benchmark: T_D, T_V, accepted length, T_SD, T_AR and speedup over a batch x context grid."""
     import json
 
@@ -232,7 +372,8 @@ def bench_cmd(artifact: Path, batches, contexts, new_tokens, drafts, budgets, ga
             raise UserError(f"unknown draft {kind!r}; choose from snapkv, streamingllm")
     cfg = magicdec.BenchConfig(batches, contexts, gammas, kinds, budgets, new_tokens, repeats)
     sources = [_read_prompt(p) for p in texts] or [
-        resources.files("mlc_magicdec").joinpath("data", "persuasion.txt").read_text(encoding="utf-8")]
+        resources.files("mlc_magicdec").joinpath("data", "persuasion.txt").read_text(encoding="utf-8")
+    ]
     engine = Engine(artifact, threads=threads)
     header = report.header(engine, " ".join(sys.argv))
     out.print(header, highlight=False)
@@ -253,12 +394,15 @@ def _bench_peers(artifact, batches, contexts, new_tokens, repeats, texts, thread
     from .runtime.engine import Engine
 
     sources = [_read_prompt(p) for p in texts] or [
-        resources.files("mlc_magicdec").joinpath("data", "persuasion.txt").read_text(encoding="utf-8")]
+        resources.files("mlc_magicdec").joinpath("data", "persuasion.txt").read_text(encoding="utf-8")
+    ]
     engine = Engine(artifact, threads=threads)
     header = report.header(engine, " ".join(sys.argv))
     out.print(header, highlight=False)
     cells = {(b, c): magicdec.prompts_for(engine, sources, c, b) for b in batches for c in contexts}
-    rows = peers.compare(engine, cells, new_tokens, repeats, progress=lambda m: console.print(f"[dim]{m}[/dim]"))
+    rows = peers.compare(
+        engine, cells, new_tokens, repeats, progress=lambda m: console.print(f"[dim]{m}[/dim]")
+    )
     out.print(report.peers_table(rows, peers.ratios(rows)))
     if json_path:
         json_path.write_text(json.dumps({"header": header, "rows": rows}, indent=2))

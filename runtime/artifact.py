@@ -54,8 +54,10 @@ class Artifact:
         path = Path(path)
         cfg_path = path / CONFIG_NAME
         if not cfg_path.is_file():
-            raise ArtifactError(f"{path} is not an mlc-magicdec artifact (no {CONFIG_NAME}); "
-                                f"create one with `mlc-magicdec compile`")
+            raise ArtifactError(
+                f"{path} is not an mlc-magicdec artifact (no {CONFIG_NAME}); "
+                f"create one with `mlc-magicdec compile`"
+            )
         try:
             config = json.loads(cfg_path.read_text())
             model = ModelConfig.from_dict(config["model"])
@@ -67,8 +69,10 @@ class Artifact:
             if not file.is_file():
                 raise ArtifactError(f"{file} is missing; compile the model again")
             if _sha256(file) != hashes[name]:
-                raise ArtifactError(f"{file.name} does not match the artifact's recorded hash "
-                                    f"(library and weights come from different compiles); compile again")
+                raise ArtifactError(
+                    f"{file.name} does not match the artifact's recorded hash "
+                    f"(library and weights come from different compiles); compile again"
+                )
         try:
             device = device_from_string(config["target"]["device"])
         except TargetError as e:

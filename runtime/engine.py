@@ -110,8 +110,11 @@ def query_tiles(seq_rows: np.ndarray) -> np.ndarray:
     """``[first, end)`` runs of at most ``QUERY_TILE`` consecutive tokens of the same row."""
     change = np.flatnonzero(np.diff(seq_rows)) + 1
     bounds = [0, *change.tolist(), len(seq_rows)]
-    tiles = [(s, min(s + QUERY_TILE, end)) for start, end in zip(bounds, bounds[1:])
-             for s in range(start, end, QUERY_TILE)]
+    tiles = [
+        (s, min(s + QUERY_TILE, end))
+        for start, end in zip(bounds, bounds[1:])
+        for s in range(start, end, QUERY_TILE)
+    ]
     return np.asarray(tiles, dtype=np.int32)
 
 
@@ -132,7 +135,8 @@ class ModelRunner:
             return pages
         if pages is not None and (capacity is not None or pages.free_pages < pages.num_pages):
             raise KVPoolExhausted(
-                f"KV pool exhausted: {free_pages} pages needed, {pages.free_pages} free of {pages.num_pages}; "
+                f"KV pool exhausted: {free_pages} pages needed, {pages.free_pages} free of "
+                f"{pages.num_pages}; "
                 f"release earlier prefilled batches, raise kv_capacity, or use a smaller batch"
             )
         num_pages = max(capacity or 0, free_pages)
@@ -146,8 +150,15 @@ class ModelRunner:
     def _t(self, array: np.ndarray) -> tvm.runtime.Tensor:
         return tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
 
-    def forward(self, fn: str, tokens: np.ndarray, seq_rows: np.ndarray, positions: np.ndarray,
-                seq_ids: list[int], *extra: np.ndarray) -> np.ndarray:
+    def forward(
+        self,
+        fn: str,
+        tokens: np.ndarray,
+        seq_rows: np.ndarray,
+        positions: np.ndarray,
+        seq_ids: list[int],
+        *extra: np.ndarray,
+    ) -> np.ndarray:
         """Run ``fn`` (prefill/decode/verify/draft) on new ``tokens`` of rows ``seq_rows`` of ``seq_ids``.
 
         Tokens are grouped by row in ascending order; ``extra`` are the function's further index arrays.
@@ -155,9 +166,14 @@ class ModelRunner:
         vm, params, pages = self.artifact.vm, self.artifact.params, self.pages
         slots = np.concatenate([pages.slots(s, positions[seq_rows == row]) for row, s in enumerate(seq_ids)])
         embeds = vm["embed"](self._t(tokens.astype(np.int32)), params)
-        args = [embeds, self._t(slots.astype(np.int32)), self._t(seq_rows.astype(np.int32)),
-                self._t(positions.astype(np.int32)), self._t(pages.page_table(seq_ids)),
-                self._t(query_tiles(seq_rows))]
+        args = [
+            embeds,
+            self._t(slots.astype(np.int32)),
+            self._t(seq_rows.astype(np.int32)),
+            self._t(positions.astype(np.int32)),
+            self._t(pages.page_table(seq_ids)),
+            self._t(query_tiles(seq_rows)),
+        ]
         args += [self._t(a) for a in extra]
         logits, self.pool_tensor = vm[fn](*args, self.pool_tensor, params)
         return logits.numpy()
@@ -171,8 +187,14 @@ class Engine:
     ``threads`` is the CPU thread count (default: ``$TVM_NUM_THREADS`` or all available CPUs).
     """
 
-    def __init__(self, artifact: str | Path, *, kv_capacity: int | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, threads: int | None = None):
+    def __init__(
+        self,
+        artifact: str | Path,
+        *,
+        kv_capacity: int | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        threads: int | None = None,
+    ):
         self.threads = configure_threads(threads)
         self.artifact = Artifact.load(artifact)
         self.config = self.artifact.model
@@ -222,11 +244,18 @@ class Engine:
         except ValueError as e:
             raise RequestError(str(e)) from None
         if not 1 <= max_new_tokens <= batch.max_new_tokens:
-            raise RequestError(f"max_new_tokens must be from 1 to {batch.max_new_tokens} (what prefill reserved), "
-                               f"got {max_new_tokens}")
+            raise RequestError(
+                f"max_new_tokens must be from 1 to {batch.max_new_tokens} (what prefill reserved), "
+                f"got {max_new_tokens}"
+            )
         return [
-            _Request(seq_id, prompt, params,
-                     np.random.default_rng(None if params.seed is None else [params.seed, i]), max_new_tokens)
+            _Request(
+                seq_id,
+                prompt,
+                params,
+                np.random.default_rng(None if params.seed is None else [params.seed, i]),
+                max_new_tokens,
+            )
             for i, (seq_id, prompt) in enumerate(zip(batch.seq_ids, batch.prompts))
         ]
 
@@ -265,7 +294,7 @@ class Engine:
                 take = min(len(r.prompt) - done[i], budget)
                 if take == 0:
                     continue
-                toks.append(r.prompt[done[i]: done[i] + take])
+                toks.append(r.prompt[done[i] : done[i] + take])
                 pos.append(np.arange(done[i], done[i] + take))
                 seq_rows.append(np.full(take, len(rows)))
                 rows.append(i)
@@ -273,8 +302,14 @@ class Engine:
                 budget -= take
                 done[i] += take
             ends = np.cumsum([len(t) for t in toks]) - 1
-            logits = runner.forward("prefill", np.concatenate(toks), np.concatenate(seq_rows),
-                                    np.concatenate(pos), seq_ids, ends.astype(np.int32))
+            logits = runner.forward(
+                "prefill",
+                np.concatenate(toks),
+                np.concatenate(seq_rows),
+                np.concatenate(pos),
+                seq_ids,
+                ends.astype(np.int32),
+            )
             for row, i in enumerate(rows):
                 runner.pages.set_length(requests[i].seq_id, done[i])
                 if done[i] == len(requests[i].prompt):
@@ -319,8 +354,9 @@ class Engine:
             positions = np.array([len(r.tokens) - 1 for r in active])
             tokens = np.array([r.tokens[-1] for r in active])
             t0 = time.perf_counter()
-            logits = runner.forward("decode", tokens, np.arange(len(active)), positions,
-                                    [r.seq_id for r in active])
+            logits = runner.forward(
+                "decode", tokens, np.arange(len(active)), positions, [r.seq_id for r in active]
+            )
             stats.decode_seconds += time.perf_counter() - t0
             stats.decode_steps += 1
             for r, tok, p in zip(active, self._choose(active, logits), positions):
@@ -353,8 +389,13 @@ class Engine:
     def _build_views(self, runner: ModelRunner, requests: list[_Request], batch: PrefilledBatch) -> None:
         """After prefill: each request's compressed view (SnapKV scores its observation window on device)."""
         c = self.config
-        snap = [r for r in requests if r.draft.kind == "snapkv" and len(r.prompt) > r.draft.window
-                and (r.seq_id, r.draft.window) not in batch.snapkv_scores]
+        snap = [
+            r
+            for r in requests
+            if r.draft.kind == "snapkv"
+            and len(r.prompt) > r.draft.window
+            and (r.seq_id, r.draft.window) not in batch.snapkv_scores
+        ]
         if snap:
             for seq_id, scores in self._snapkv_scores(runner, snap).items():
                 batch.snapkv_scores[seq_id, next(r.draft.window for r in snap if r.seq_id == seq_id)] = scores
@@ -372,12 +413,17 @@ class Engine:
             toks.append(r.prompt[start:])
             rows.append(np.full(r.draft.window, row))
             pos.append(np.arange(start, len(r.prompt)))
-        scores = runner.forward("snapkv_scores", np.concatenate(toks), np.concatenate(rows), np.concatenate(pos),
-                                [r.seq_id for r in requests])
+        scores = runner.forward(
+            "snapkv_scores",
+            np.concatenate(toks),
+            np.concatenate(rows),
+            np.concatenate(pos),
+            [r.seq_id for r in requests],
+        )
         return {r.seq_id: scores[:, row] for row, r in enumerate(requests)}
 
     def _draft_round(self, active: list[_Request], committed: np.ndarray, gamma: int, static_pos, static_len):
-        """``gamma`` draft steps for every active sequence; returns tokens ``[B, gamma]`` and probs or None."""
+        """``gamma`` draft steps for each active sequence: tokens ``[B, gamma]`` and their probs or None."""
         runner, batch = self.target, len(active)
         tokens = np.empty((batch, gamma), dtype=np.int64)
         greedy = all(r.params.greedy for r in active)
@@ -385,8 +431,16 @@ class Engine:
         window_start = np.array([r.view.window_start(int(n)) for r, n in zip(active, committed)], np.int32)
         current = np.array([r.tokens[-1] for r in active])
         for i in range(gamma):
-            logits = runner.forward("draft", current, np.arange(batch), committed + i, [r.seq_id for r in active],
-                                    static_pos, static_len, window_start)
+            logits = runner.forward(
+                "draft",
+                current,
+                np.arange(batch),
+                committed + i,
+                [r.seq_id for r in active],
+                static_pos,
+                static_len,
+                window_start,
+            )
             if greedy:
                 tokens[:, i] = np.argmax(logits, axis=-1)
             else:
@@ -396,8 +450,9 @@ class Engine:
             current = tokens[:, i]
         return tokens, q
 
-    def _decode_speculative(self, requests: list[_Request], stats: GenerationStats, stop_at_eos: bool,
-                            gamma: int) -> None:
+    def _decode_speculative(
+        self, requests: list[_Request], stats: GenerationStats, stop_at_eos: bool, gamma: int
+    ) -> None:
         runner = self.target
         static_all, len_all = pack_views([r.view for r in requests])
         row_of = {r.seq_id: i for i, r in enumerate(requests)}
@@ -406,7 +461,9 @@ class Engine:
             if not active:
                 return
             rows = [row_of[r.seq_id] for r in active]
-            committed = np.array([len(r.tokens) - 1 for r in active])  # KV is committed up to the pending token
+            committed = np.array(
+                [len(r.tokens) - 1 for r in active]
+            )  # KV is committed up to the pending token
             t0 = time.perf_counter()
             drafted, q = self._draft_round(active, committed, gamma, static_all[rows], len_all[rows])
             t1 = time.perf_counter()
@@ -437,8 +494,9 @@ class Engine:
     # ---------------------------------------------------------------------------------------------
     # API
 
-    def prefill(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
-                max_new_tokens: int = 128) -> PrefilledBatch:
+    def prefill(
+        self, prompts: str | Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 128
+    ) -> PrefilledBatch:
         """Prefill the prompts and reserve KV for ``max_new_tokens`` (plus a speculation round) each.
 
         The batch can be decoded several times with ``decode`` (each call restarts from the prompts, which
@@ -447,9 +505,12 @@ class Engine:
         prompt_ids = self._prompt_ids(prompts, max_new_tokens)
         first_id = self._next_seq_id
         self._next_seq_id += len(prompt_ids)
-        batch = PrefilledBatch(self, prompt_ids, list(range(first_id, first_id + len(prompt_ids))), max_new_tokens)
-        placeholders = [_Request(i, p, SamplingParams(), None, max_new_tokens)
-                        for i, p in zip(batch.seq_ids, prompt_ids)]
+        batch = PrefilledBatch(
+            self, prompt_ids, list(range(first_id, first_id + len(prompt_ids))), max_new_tokens
+        )
+        placeholders = [
+            _Request(i, p, SamplingParams(), None, max_new_tokens) for i, p in zip(batch.seq_ids, prompt_ids)
+        ]
         self._reserve(self.target, placeholders, slack=MAX_GAMMA + 1)
         try:
             t0 = time.perf_counter()
@@ -502,8 +563,14 @@ class Engine:
         else:
             self._decode_plain(requests, stats, stop_at_eos)
         return [
-            GenerationResult(self.decode_text(r.output), r.output, len(r.prompt), r.finish_reason, stats,
-                             r.accepted_lengths)
+            GenerationResult(
+                self.decode_text(r.output),
+                r.output,
+                len(r.prompt),
+                r.finish_reason,
+                stats,
+                r.accepted_lengths,
+            )
             for r in requests
         ]
 
@@ -516,7 +583,8 @@ class Engine:
     ) -> list[GenerationResult]:
         """Generate a continuation of each prompt (text or token ids); each stops at its own EOS or limit.
 
-        ``temperature`` (0 = greedy), ``top_p`` and ``seed`` control sampling; ``stop_at_eos=False`` ignores EOS.
+        ``temperature`` (0 = greedy), ``top_p`` and ``seed`` control sampling; ``stop_at_eos=False``
+        ignores EOS.
         With ``speculate=True`` the target's own weights draft ``gamma`` tokens a round through a compressed
         view of the KV (``draft``: "snapkv" or "streamingllm", ``budget`` KV entries, one value or one per
         prompt; ``draft_settings`` gives full control), and one target pass verifies them. Greedy output is

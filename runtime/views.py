@@ -40,8 +40,9 @@ class DraftSettings:
         if self.kind not in DRAFT_KINDS:
             raise ValueError(f"unknown draft {self.kind!r}; choose one of: {', '.join(DRAFT_KINDS)}")
         if not 0 < self.budget < context_window:
-            raise ValueError(f"draft budget must be between 1 and the context window ({context_window}), "
-                             f"got {self.budget}")
+            raise ValueError(
+                f"draft budget must be between 1 and the context window ({context_window}), got {self.budget}"
+            )
         reserved = self.sink if self.kind == "streamingllm" else self.window
         name = "sink" if self.kind == "streamingllm" else "window"
         if reserved < 0 or self.budget <= reserved:
@@ -62,7 +63,9 @@ class CompressedView:
         return max(self.floor, committed - self.window)
 
 
-def streaming_view(settings: DraftSettings, prompt_len: int, num_layers: int, num_kv_heads: int) -> CompressedView:
+def streaming_view(
+    settings: DraftSettings, prompt_len: int, num_layers: int, num_kv_heads: int
+) -> CompressedView:
     """StreamingLLM: sinks plus a sliding window."""
     sinks = np.arange(min(settings.sink, prompt_len), dtype=np.int32)
     static = np.broadcast_to(sinks, (num_layers, num_kv_heads, len(sinks))).copy()
@@ -79,9 +82,10 @@ def smooth(scores: np.ndarray, kernel: int) -> np.ndarray:
     return (csum[..., kernel:] - csum[..., :-kernel]) / kernel
 
 
-def snapkv_view(settings: DraftSettings, prompt_len: int, scores: np.ndarray | None, num_layers: int,
-                num_kv_heads: int) -> CompressedView:
-    """SnapKV: top-k of the smoothed window scores ``scores[layers, kv_heads, >= prompt_len]``, plus a window."""
+def snapkv_view(
+    settings: DraftSettings, prompt_len: int, scores: np.ndarray | None, num_layers: int, num_kv_heads: int
+) -> CompressedView:
+    """SnapKV: top-k of the smoothed window scores ``scores[layers, kv_heads, positions]`` plus a window."""
     candidates = max(prompt_len - settings.window, 0)
     keep = min(settings.budget - settings.window, candidates)
     if keep == candidates or scores is None:

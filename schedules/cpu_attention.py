@@ -74,7 +74,9 @@ def kv_append(num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
     return kv_append_cpu
 
 
-def paged_attention(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str, sparse: bool):
+def paged_attention(
+    num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str, sparse: bool
+):
     """Tiled attention over the pool. Dense: keys ``0 .. pos``; sparse: the static list, then the window."""
     Hq, Hkv, D, P = num_heads, num_kv_heads, head_dim, page_size
     G = Hq // Hkv
@@ -105,8 +107,20 @@ def paged_attention(num_heads: int, num_kv_heads: int, head_dim: int, page_size:
         return T.Cast("float32", pool[layer, page_table[b, blk], 1, kh, j * D + d])
 
     @T.macro
-    def body(q, pool, page_table, token_seq, token_pos, query_tiles, out, layer, static_pos, static_len,
-             window_start, num_tiles):
+    def body(
+        q,
+        pool,
+        page_table,
+        token_seq,
+        token_pos,
+        query_tiles,
+        out,
+        layer,
+        static_pos,
+        static_len,
+        window_start,
+        num_tiles,
+    ):
         for item in T.parallel(num_tiles * Hkv):
             with T.sblock("attn"):
                 T.reads()
@@ -166,8 +180,11 @@ def paged_attention(num_heads: int, num_kv_heads: int, head_dim: int, page_size:
                                         pool, kt, layer, page_table, b, blk, kh, dc * CHAINS + c, j
                                     )
                         for j in T.vectorized(KB):
-                            s[j] = T.Select(kpos[j] <= row_pos[m], part[0, j] + part[1, j] + part[2, j] + part[3, j],
-                                            T.float32(NEG_INF))
+                            s[j] = T.Select(
+                                kpos[j] <= row_pos[m],
+                                part[0, j] + part[1, j] + part[2, j] + part[3, j],
+                                T.float32(NEG_INF),
+                            )
                         # Block maximum by halving (vector max instead of a serial chain).
                         for j in T.vectorized(KB // 2):
                             tree[j] = T.max(s[j], s[j + KB // 2])
@@ -185,7 +202,9 @@ def paged_attention(num_heads: int, num_kv_heads: int, head_dim: int, page_size:
                             acc[m, d] = acc[m, d] * step[1]
                         for j in T.serial(T.min(KB, n_keys - blk * KB)):  # never touch unwritten slots
                             for d in T.vectorized(D):
-                                acc[m, d] = acc[m, d] + s[j] * value(pool, kslot, layer, page_table, b, blk, kh, j, d)
+                                acc[m, d] = acc[m, d] + s[j] * value(
+                                    pool, kslot, layer, page_table, b, blk, kh, j, d
+                                )
                 for m in T.serial(rows * G):
                     step[0] = T.float32(0)
                     for j in T.serial(KB):
@@ -227,8 +246,20 @@ def paged_attention(num_heads: int, num_kv_heads: int, head_dim: int, page_size:
             static_len = T.match_buffer(static_len_h, (batch,), "int32")
             window_start = T.match_buffer(window_start_h, (batch,), "int32")
             out = T.match_buffer(out_h, (n, Hq, D), dtype)
-            body(q, pool, page_table, token_seq, token_pos, query_tiles, out, layer, static_pos, static_len,
-                 window_start, num_tiles)
+            body(
+                q,
+                pool,
+                page_table,
+                token_seq,
+                token_pos,
+                query_tiles,
+                out,
+                layer,
+                static_pos,
+                static_len,
+                window_start,
+                num_tiles,
+            )
 
         return sparse_attention_cpu
 
@@ -260,7 +291,6 @@ def paged_attention(num_heads: int, num_kv_heads: int, head_dim: int, page_size:
         body(q, pool, page_table, token_seq, token_pos, query_tiles, out, layer, None, None, None, num_tiles)
 
     return dense_attention_cpu
-
 
 
 def attention_scores(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
@@ -322,11 +352,14 @@ def attention_scores(num_heads: int, num_kv_heads: int, head_dim: int, page_size
                                     for j in T.serial(P):
                                         if blk * P + j <= token_pos[t]:
                                             if pass_ == 0:
-                                                stat[1] = stat[1] * fast_exp2(stat[0] - T.max(stat[0], s[j])) \
-                                                    + fast_exp2(s[j] - T.max(stat[0], s[j]))
+                                                stat[1] = stat[1] * fast_exp2(
+                                                    stat[0] - T.max(stat[0], s[j])
+                                                ) + fast_exp2(s[j] - T.max(stat[0], s[j]))
                                                 stat[0] = T.max(stat[0], s[j])
                                             else:
-                                                scores[b, kh, blk * P + j] = scores[b, kh, blk * P + j] \
+                                                scores[b, kh, blk * P + j] = (
+                                                    scores[b, kh, blk * P + j]
                                                     + fast_exp2(s[j] - stat[0]) / stat[1]
+                                                )
 
     return attention_scores_cpu

@@ -15,7 +15,8 @@ import pytest
 
 TEXTS_ENV = "MLC_MAGICDEC_TEXTS"
 DEFAULT_TEXTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "texts"
-AUSTEN_NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
+AUSTEN_NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice",
+                 "sensesensibility")
 SMOLLM2_FIXTURES = {"smollm2_gguf", "smollm2_artifact"}
 
 # ------------------------------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ def set_eos(folder: Path, eos_token_id: int | list[int] | None) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """``get(family) -> (hf_folder, torch_model, artifact_path)``: tiny models, each compiled once a session."""
+    """``get(family) -> (hf_folder, torch_model, artifact_path)``; each family is compiled once a session."""
     from mlc_magicdec.compile.build import compile_model
 
     cache: dict[str, tuple[Path, object, Path]] = {}

@@ -6,11 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_VOCAB, copy_folder, set_eos
 from mlc_magicdec.compile.build import compile_model
 from mlc_magicdec.runtime.engine import Engine
 from scipy import stats
-
-from conftest import TINY_VOCAB, copy_folder, set_eos
 
 MIN_EXPECTED = 5.0  # chi-square cells with a smaller expected count are merged
 DRAW_BATCH = 1000  # the same prompt this many times per generate call
@@ -81,7 +80,7 @@ def test_temperature_zero_is_greedy(engine, tiny_llama):
         results = engine.generate(prompts, max_new_tokens=24, stop_at_eos=False, **kwargs)
         assert [r.token_ids for r in results] == [r.token_ids for r in greedy], kwargs
     # greedy is the argmax of the model's logits: the first token, from transformers' logits
-    for p, r in zip(prompts, greedy):
+    for p, r in zip(prompts, greedy, strict=True):
         assert r.token_ids[0] == int(np.argmax(hf_last_logits(model, p)))
     # a vanishing temperature samples the argmax too (logits are divided by T, not multiplied)
     cold = engine.generate(prompts, max_new_tokens=24, stop_at_eos=False, temperature=1e-4, seed=5)
@@ -96,7 +95,7 @@ def test_seed_makes_sampling_reproducible(engine):
     c = engine.generate(prompts, seed=8, **kwargs)
     greedy = engine.generate(prompts, max_new_tokens=32, stop_at_eos=False)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
-    for ra, rc, rg in zip(a, c, greedy):
+    for ra, rc, rg in zip(a, c, greedy, strict=True):
         assert len(ra.token_ids) == len(rc.token_ids) == 32
         assert ra.token_ids != rc.token_ids  # 32 draws at T=1.5 over 256 tokens: equal by chance ~never
         assert ra.token_ids != rg.token_ids
@@ -183,7 +182,7 @@ def test_eos_as_first_token_stops_after_prefill(eos_case):
     rng = np.random.default_rng(15)
     candidates = [rng.integers(3, TINY_VOCAB, 8).tolist() for _ in range(400)]
     firsts = [r.token_ids[0] for r in engine.generate(candidates, max_new_tokens=1, stop_at_eos=False)]
-    hits = [c for c, t in zip(candidates, firsts) if t == eos]
+    hits = [c for c, t in zip(candidates, firsts, strict=True) if t == eos]
     assert hits, "no random prompt starts with the EOS token; pick another seed"
     results = engine.generate([prompts[1], hits[0], prompts[2]], max_new_tokens=16)
     assert results[1].token_ids == [eos] and results[1].finish_reason == "eos"

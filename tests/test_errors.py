@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from mlc_magicdec.cli import main
+from conftest import TINY_CONTEXT, TINY_VOCAB
 from mlc_magicdec.compile.build import compile_model
-from mlc_magicdec.errors import UserError
 from mlc_magicdec.runtime.artifact import CONFIG_NAME, ArtifactError
 from mlc_magicdec.runtime.engine import Engine, RequestError
 
-from conftest import TINY_CONTEXT, TINY_VOCAB
+from mlc_magicdec.cli import main
+from mlc_magicdec.errors import UserError
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 RICH_MARKUP = re.compile(r"\[/?(red|bold|green|yellow)[^\]]*\]")

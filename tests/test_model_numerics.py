@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from mlc_magicdec.runtime.engine import Engine
-
 from conftest import FAMILIES, TINY_VOCAB
+from mlc_magicdec.runtime.engine import Engine
 
 ATOL = 1e-4
 PROMPT_LENGTHS = (5, 37, 20)
@@ -46,7 +45,7 @@ def decode(engine: Engine, seq_ids: list[int], tokens: list[int]) -> np.ndarray:
     runner = engine.target
     positions = np.array([runner.pages.length(s) for s in seq_ids])
     logits = runner.forward("decode", np.array(tokens), np.arange(len(seq_ids)), positions, seq_ids)
-    for s, p in zip(seq_ids, positions):
+    for s, p in zip(seq_ids, positions, strict=True):
         runner.pages.set_length(s, int(p) + 1)
     return logits
 
@@ -54,7 +53,7 @@ def decode(engine: Engine, seq_ids: list[int], tokens: list[int]) -> np.ndarray:
 def _check_prefill_then_decode(engine: Engine, model, prompts: list[list[int]]) -> None:
     rng = np.random.default_rng(123)
     forced = [rng.integers(3, TINY_VOCAB, DECODE_STEPS).tolist() for _ in prompts]  # teacher-forced tokens
-    expected = [hf_logits(model, p + f) for p, f in zip(prompts, forced)]
+    expected = [hf_logits(model, p + f) for p, f in zip(prompts, forced, strict=True)]
     with engine.prefill(prompts, max_new_tokens=DECODE_STEPS) as batch:
         assert batch.logits.shape == (len(prompts), TINY_VOCAB)
         for i, p in enumerate(prompts):
@@ -69,10 +68,10 @@ def _check_prefill_then_decode(engine: Engine, model, prompts: list[list[int]]) 
 
 
 def _verify(engine: Engine, seq_ids: list[int], new: list[list[int]], starts: list[int]) -> np.ndarray:
-    """Run ``verify`` on tokens ``new[i]`` of sequence ``i`` at positions ``starts[i]...`` (one ragged call)."""
+    """Run ``verify`` on tokens ``new[i]`` of sequence ``i`` from position ``starts[i]`` (one ragged call)."""
     tokens = np.concatenate([np.array(n) for n in new])
     rows = np.concatenate([np.full(len(n), i) for i, n in enumerate(new)])
-    positions = np.concatenate([np.arange(s, s + len(n)) for s, n in zip(starts, new)])
+    positions = np.concatenate([np.arange(s, s + len(n)) for s, n in zip(starts, new, strict=True)])
     logits = engine.target.forward("verify", tokens, rows, positions, seq_ids)
     assert logits.shape == (len(tokens), TINY_VOCAB)
     return logits
@@ -107,7 +106,7 @@ def test_single_token_prompts(tiny):
 
 
 def test_verify_logits_at_every_position(tiny):
-    """``verify`` over whole prompts (a ragged batch of 3 rows, from position 0) gives every position's logits."""
+    """``verify`` over whole prompts (a ragged batch of 3 rows from position 0): every position's logits."""
     engine, model = tiny
     prompts = _prompts(4)
     with engine.prefill(prompts, max_new_tokens=1) as batch:  # reserves the pages; verify rewrites the KV
@@ -126,7 +125,7 @@ def test_verify_after_prefill_matches_transformers(tiny):
     new = [np.random.default_rng(6 + i).integers(3, TINY_VOCAB, 5).tolist() for i in range(len(prompts))]
     with engine.prefill(prompts, max_new_tokens=len(new[0])) as batch:
         logits = _verify(engine, batch.seq_ids, new, [len(p) for p in prompts])
-    for i, (p, n) in enumerate(zip(prompts, new)):
+    for i, (p, n) in enumerate(zip(prompts, new, strict=True)):
         want = hf_logits(model, p + n)[len(p):]
         np.testing.assert_allclose(logits[i * len(n):(i + 1) * len(n)], want, rtol=0, atol=ATOL,
                                    err_msg=f"verify logits of sequence {i}")
@@ -141,7 +140,7 @@ def test_greedy_generation_matches_transformers(tiny, chunk):
         results = engine.generate(prompts, max_new_tokens=32, stop_at_eos=False)
     finally:
         engine.prefill_chunk = old
-    for i, (p, r) in enumerate(zip(prompts, results)):
+    for i, (p, r) in enumerate(zip(prompts, results, strict=True)):
         want = hf_greedy(model, p, 32)
         assert r.token_ids == want, f"prompt {i} ({len(p)} tokens)"
         assert r.prompt_tokens == len(p) and r.finish_reason == "length"
@@ -153,7 +152,7 @@ def test_greedy_text_prompts_match_transformers(tiny):
     engine, model = tiny
     texts = ["It is a truth universally acknowledged", "Emma Woodhouse, handsome, clever, and rich,", "Hi"]
     results = engine.generate(texts, max_new_tokens=12, stop_at_eos=False)
-    for text, r in zip(texts, results):
+    for text, r in zip(texts, results, strict=True):
         ids = engine.encode(text)
         assert len(ids) == len(text) and r.prompt_tokens == len(text)
         assert r.token_ids == hf_greedy(model, ids, 12)

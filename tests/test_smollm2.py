@@ -47,8 +47,9 @@ def hf_greedy(hf_model, prompt_1000):
     with torch.no_grad():
         out = hf_model.generate(
             torch.tensor([prompt_1000]), attention_mask=torch.ones(1, len(prompt_1000), dtype=torch.long),
-            max_new_tokens=GREEDY_TOKENS, min_new_tokens=0, do_sample=False, eos_token_id=None, pad_token_id=0,
-            top_k=None, top_p=None, temperature=None, output_logits=True, return_dict_in_generate=True)
+            max_new_tokens=GREEDY_TOKENS, min_new_tokens=0, do_sample=False, eos_token_id=None,
+            pad_token_id=0, top_k=None, top_p=None, temperature=None, output_logits=True,
+            return_dict_in_generate=True)
     tokens = out.sequences[0, len(prompt_1000):].tolist()
     assert len(tokens) == GREEDY_TOKENS
     return tokens, out.logits[0][0].double().numpy()
@@ -78,7 +79,7 @@ def test_batching_does_not_change_results(engine, austen_texts, prompt_1000, hf_
                prompt_1000]
     batch = engine.generate(prompts, max_new_tokens=BATCH_TOKENS, stop_at_eos=False)
     alone = [engine.generate([p], max_new_tokens=BATCH_TOKENS, stop_at_eos=False)[0] for p in prompts]
-    for i, (b, a) in enumerate(zip(batch, alone)):
+    for i, (b, a) in enumerate(zip(batch, alone, strict=True)):
         assert b.prompt_tokens == a.prompt_tokens == len(prompts[i])
         assert len(b.token_ids) == BATCH_TOKENS
         assert b.token_ids == a.token_ids, f"prompt {i} ({len(prompts[i])} tokens)"
