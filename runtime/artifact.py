@@ -32,6 +32,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _check_shards(path: Path) -> None:
+    """Every weight shard named in tensor-cache.json exists with the recorded size (cheap; no hashing)."""
+    try:
+        records = json.loads((path / "tensor-cache.json").read_text())["records"]
+        for shard in records:
+            file = path / shard["dataPath"]
+            if not file.is_file() or file.stat().st_size != shard["nbytes"]:
+                raise ArtifactError(f"weight shard {file.name} is missing or truncated; compile the model again")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{path / 'tensor-cache.json'} is corrupt ({e}); compile the model again") from None
+
+
 @dataclasses.dataclass
 class Artifact:
     """A loaded artifact: config, VM functions, parameters on the device and the tokenizer."""
@@ -73,6 +85,7 @@ class Artifact:
                     f"{file.name} does not match the artifact's recorded hash "
                     f"(library and weights come from different compiles); compile again"
                 )
+        _check_shards(path)
         try:
             device = device_from_string(config["target"]["device"])
         except TargetError as e:

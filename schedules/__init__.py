@@ -6,6 +6,8 @@ from types import ModuleType
 
 from tvm.target import Target
 
+from ..compile.targets import TargetError
+
 
 def attention_kernels(target: Target) -> ModuleType:
     """The module providing ``kv_append`` and ``paged_attention`` kernel generators for ``target``."""
@@ -14,7 +16,7 @@ def attention_kernels(target: Target) -> ModuleType:
         from . import cpu_attention
 
         return cpu_attention
-    raise NotImplementedError(f"no attention kernels for target kind {kind!r} yet")
+    raise TargetError(f"no attention kernels for target {kind!r} in this release; use --target llvm")
 
 
 def relax_pipeline(target: Target):
@@ -24,4 +26,4 @@ def relax_pipeline(target: Target):
         from . import cpu
 
         return cpu.pipeline(target)
-    raise NotImplementedError(f"no schedules for target kind {kind!r} yet")
+    raise TargetError(f"no schedules for target {kind!r} in this release; use --target llvm")

@@ -221,18 +221,27 @@ def test_generate_bad_sampling_options(tiny, option, value):
 
 
 def test_generate_kv_pool_exhausted(tiny):
-    prompt = list(range(3, 43))  # 40 tokens + 8 new: 3 pages of 16, the pool holds 2
+    prompt = list(range(3, 43))  # 40 tokens + 8 new = 48 token slots; the pool holds 32
     small = Engine(tiny[1], kv_capacity=32)
-    with pytest.raises(RequestError) as e:
+    with pytest.raises(UserError) as e:
         small.generate([prompt], max_new_tokens=8, stop_at_eos=False)
     assert "kv" in assert_one_line(e).lower()
-    with pytest.raises(RequestError) as e:  # two prompts that fit alone but not together
-        small.generate([prompt[:20], prompt[:20]], max_new_tokens=4, stop_at_eos=False)
-    assert_one_line(e)
-    # nothing left behind: the same engine still serves what fits, with the same result as a fresh one
-    got = small.generate([prompt[:20]], max_new_tokens=8, stop_at_eos=False)[0].token_ids
+    # nothing left behind: after refusing a batch, the engine serves what fits, as a fresh engine does
+    engine = Engine(tiny[1], kv_capacity=256)
+    with pytest.raises(UserError) as e:
+        engine.generate([prompt] * 10, max_new_tokens=8, stop_at_eos=False)  # 480 slots > 256
+    assert "kv" in assert_one_line(e).lower()
+    got = engine.generate([prompt[:20]], max_new_tokens=8, stop_at_eos=False)[0].token_ids
     want = Engine(tiny[1]).generate([prompt[:20]], max_new_tokens=8, stop_at_eos=False)[0].token_ids
     assert got == want and len(got) == 8
+    assert engine.target.pages.free_pages == engine.target.pages.num_pages  # every page released
+
+
+def test_kv_capacity_serves_a_batch_that_fits(tiny):
+    """kv_capacity is in tokens: 20 prompt tokens + 8 new ones fit in 32 slots (two pages of 16)."""
+    engine = Engine(tiny[1], kv_capacity=32)
+    [result] = engine.generate([list(range(3, 23))], max_new_tokens=8, stop_at_eos=False)
+    assert len(result.token_ids) == 8
 
 
 def _broken_artifact(tmp_path: Path, artifact: Path, how: str) -> Path:
