@@ -28,8 +28,12 @@ def _visible(text: str) -> str:
 
 
 def run_cli(*args: str) -> str:
-    """Run the CLI; assert exit status 2 and one output line starting with "error:"; return that line."""
-    result = CliRunner().invoke(main, [str(a) for a in args])
+    """Run the CLI; assert exit status 2 and one output line starting with "error:"; return that line.
+
+    Output goes to a pipe, as in CI or ``2> log``: rich then assumes 80 columns (made explicit here so that
+    the result does not depend on the terminal pytest runs in).
+    """
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(main, [str(a) for a in args])
     out = _visible(result.output)
     assert result.exception is None or isinstance(result.exception, SystemExit), \
         f"crashed: {result.exception!r}\n{out}"
