@@ -94,10 +94,11 @@ class Attention(nn.Module):
         qkv = op.reshape(self.qkv_proj(x), (n, hq + 2 * hkv, d))
         qkv = apply_rope(qkv, batch.token_pos, inv_freq, hq + hkv)
         q, k, v = op.split(qkv, [hq, hq + hkv], axis=1)
-        pool = append_kv(pool, k, v, batch, layer, target)
-        out = attention(q, pool, batch, layer, hkv, target)
-        if scores is not None:
+        if scores is None:
+            pool = append_kv(pool, k, v, batch, layer, target)
+        else:  # a scoring pass re-reads tokens already in the pool and must not rewrite their KV
             scores.append(attention_scores(q, pool, batch, layer, hkv, target))
+        out = attention(q, pool, batch, layer, hkv, target)
         return self.o_proj(op.reshape(out, (n, hq * d))), pool
 
 

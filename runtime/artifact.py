@@ -39,9 +39,9 @@ def _check_shards(path: Path) -> None:
         for shard in records:
             file = path / shard["dataPath"]
             if not file.is_file() or file.stat().st_size != shard["nbytes"]:
-                raise ArtifactError(f"weight shard {file.name} is missing or truncated; compile the model again")
+                raise ArtifactError(f"weight shard {file.name} is missing or truncated; compile again")
     except (ValueError, KeyError, TypeError) as e:
-        raise ArtifactError(f"{path / 'tensor-cache.json'} is corrupt ({e}); compile the model again") from None
+        raise ArtifactError(f"{path / 'tensor-cache.json'} is corrupt ({e}); compile again") from None
 
 
 @dataclasses.dataclass

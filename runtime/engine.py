@@ -12,7 +12,7 @@ import tvm
 
 from ..compile.attention import PAGE_SIZE, QUERY_TILE
 from ..errors import UserError
-from .artifact import Artifact
+from .artifact import Artifact, ArtifactError
 from .kv import KVPoolExhausted, PagePool
 from .sampling import SamplingParams, probs_from_logits, sample, verify_greedy, verify_rejection
 from .threads import configure_threads
@@ -76,6 +76,7 @@ class _Request:
     accepted_lengths: list[int] = dataclasses.field(default_factory=list)
     draft: DraftSettings | None = None
     view: CompressedView | None = None
+    draft_len: int = 0  # positions with KV the drafter can read (its own pool, or the target's)
 
     @property
     def done(self) -> bool:
@@ -194,6 +195,7 @@ class Engine:
         kv_capacity: int | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         threads: int | None = None,
+        draft_model: str | Path | None = None,
     ):
         self.threads = configure_threads(threads)
         self.artifact = Artifact.load(artifact)
@@ -202,7 +204,26 @@ class Engine:
         self.kv_capacity = kv_capacity
         self.prefill_chunk = prefill_chunk
         self.target = ModelRunner(self.artifact)
+        self.drafter = self.target if draft_model is None else ModelRunner(self._load_draft(draft_model))
         self._next_seq_id = 0
+
+    def _load_draft(self, path: str | Path) -> Artifact:
+        """A separate small draft model; it must share the target's tokenizer."""
+        draft = Artifact.load(path)
+        if (
+            draft.tokenizer.get_vocab() != self.tokenizer.get_vocab()
+            or draft.model.vocab_size != self.config.vocab_size
+        ):
+            raise ArtifactError(
+                f"draft model {path} uses a different tokenizer or vocabulary than the target; "
+                f"a draft must share the target's tokenizer"
+            )
+        return draft
+
+    @property
+    def runners(self) -> list[ModelRunner]:
+        """The target, and the separate draft model if there is one."""
+        return [self.target] if self.drafter is self.target else [self.target, self.drafter]
 
     # ---------------------------------------------------------------------------------------------
     # Requests
@@ -388,7 +409,7 @@ class Engine:
 
     def _build_views(self, runner: ModelRunner, requests: list[_Request], batch: PrefilledBatch) -> None:
         """After prefill: each request's compressed view (SnapKV scores its observation window on device)."""
-        c = self.config
+        c = runner.cfg
         snap = [
             r
             for r in requests
@@ -423,31 +444,39 @@ class Engine:
         return {r.seq_id: scores[:, row] for row, r in enumerate(requests)}
 
     def _draft_round(self, active: list[_Request], committed: np.ndarray, gamma: int, static_pos, static_len):
-        """``gamma`` draft steps for each active sequence: tokens ``[B, gamma]`` and their probs or None."""
-        runner, batch = self.target, len(active)
+        """``gamma`` draft steps for each active sequence: tokens ``[B, gamma]`` and their probs or None.
+
+        The first step also feeds the drafter any committed token it has no KV for yet (a separate draft model
+        never saw the last drafted token when all were accepted), so it may take two tokens for a sequence.
+        """
+        runner, batch = self.drafter, len(active)
         tokens = np.empty((batch, gamma), dtype=np.int64)
         greedy = all(r.params.greedy for r in active)
         q = None if greedy else np.empty((batch, gamma, self.config.vocab_size))
         window_start = np.array([r.view.window_start(int(n)) for r, n in zip(active, committed)], np.int32)
-        current = np.array([r.tokens[-1] for r in active])
+        feed = [r.tokens[r.draft_len :] for r in active]
+        rows = np.concatenate([np.full(len(f), b) for b, f in enumerate(feed)])
+        positions = np.concatenate([np.arange(r.draft_len, len(r.tokens)) for r in active])
+        current = np.concatenate(feed)
         for i in range(gamma):
             logits = runner.forward(
                 "draft",
                 current,
-                np.arange(batch),
-                committed + i,
+                rows,
+                positions,
                 [r.seq_id for r in active],
                 static_pos,
                 static_len,
                 window_start,
             )
+            logits = logits[np.cumsum(np.bincount(rows, minlength=batch)) - 1]  # each row's last token
             if greedy:
                 tokens[:, i] = np.argmax(logits, axis=-1)
             else:
                 for b, r in enumerate(active):
                     q[b, i] = probs_from_logits(logits[b], r.params.temperature, r.params.top_p)
                     tokens[b, i] = sample(q[b, i][None], r.rng)[0]
-            current = tokens[:, i]
+            current, rows, positions = tokens[:, i], np.arange(batch), committed + i + 1
         return tokens, q
 
     def _decode_speculative(
@@ -487,6 +516,12 @@ class Engine:
                     n_acc, nxt = verify_rejection(drafted[b], q[b], p, r.rng)
                 kept = self._append(r, [*drafted[b][:n_acc], nxt], stop_at_eos)
                 runner.pages.set_length(r.seq_id, int(committed[b]) + kept)
+                # The drafter's own KV is valid for the tokens it drafted from that were accepted.
+                if self.drafter is runner:
+                    r.draft_len = int(committed[b]) + kept
+                else:
+                    r.draft_len = int(committed[b]) + min(gamma, n_acc + 1)
+                    self.drafter.pages.set_length(r.seq_id, r.draft_len)
                 r.accepted_lengths.append(n_acc + 1)
                 stats.drafted_tokens += gamma
                 stats.accepted_tokens += n_acc
@@ -511,21 +546,27 @@ class Engine:
         placeholders = [
             _Request(i, p, SamplingParams(), None, max_new_tokens) for i, p in zip(batch.seq_ids, prompt_ids)
         ]
-        self._reserve(self.target, placeholders, slack=MAX_GAMMA + 1)
+        reserved = []
         try:
+            for runner in self.runners:
+                self._reserve(runner, placeholders, slack=MAX_GAMMA + 1)
+                reserved.append(runner)
             t0 = time.perf_counter()
-            batch.logits = self._prefill(self.target, placeholders)
+            for runner in reversed(self.runners):  # the target last: its logits start the generation
+                batch.logits = self._prefill(runner, placeholders)
             batch.prefill_seconds = time.perf_counter() - t0
         except BaseException:
-            self._release(self.target, placeholders)
+            for runner in reserved:
+                self._release(runner, placeholders)
             raise
         return batch
 
     def release(self, batch: PrefilledBatch) -> None:
         """Free a prefilled batch's KV pages."""
         if not batch.released:
-            for seq_id in batch.seq_ids:
-                self.target.pages.remove(seq_id)
+            for runner in self.runners:
+                for seq_id in batch.seq_ids:
+                    runner.pages.remove(seq_id)
             batch.released = True
 
     def decode(
@@ -550,11 +591,13 @@ class Engine:
         requests = self._requests(batch, max_new_tokens or batch.max_new_tokens, params)
         stats = GenerationStats(prefill_seconds=batch.prefill_seconds)
         for r in requests:
-            self.target.pages.set_length(r.seq_id, len(r.prompt))
+            r.draft_len = len(r.prompt)
+            for runner in self.runners:
+                runner.pages.set_length(r.seq_id, len(r.prompt))
         if speculate:
             self._attach_drafts(requests, draft, budget, gamma, draft_settings)
             t0 = time.perf_counter()
-            self._build_views(self.target, requests, batch)
+            self._build_views(self.drafter, requests, batch)
             stats.prefill_seconds += time.perf_counter() - t0
         for r, tok in zip(requests, self._choose(requests, batch.logits)):
             self._append(r, [tok], stop_at_eos)
