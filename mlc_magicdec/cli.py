@@ -187,6 +187,12 @@ def _generation_options(fn):
     "--budget", type=int, default=None, help="KV entries the draft attends to (default: artifact's)."
 )
 @click.option("--gamma", type=int, default=3, show_default=True, help="Draft tokens per verification.")
+@click.option(
+    "--draft-model",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Artifact of a smaller model with the same tokenizer to draft with (default: self-drafting).",
+)
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all available).")
 @_one_line_errors
 def generate_cmd(
@@ -201,6 +207,7 @@ def generate_cmd(
     draft: str,
     budget: int | None,
     gamma: int,
+    draft_model: Path | None,
     threads: int | None,
 ) -> None:
     """Generate continuations of the prompts with the compiled ARTIFACT."""
@@ -212,6 +219,7 @@ def generate_cmd(
         artifact,
         texts,
         threads=threads,
+        draft_model=draft_model,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
@@ -229,11 +237,13 @@ def _read_prompt(path: Path) -> str:
         ) from None
 
 
-def _generate(artifact: Path, texts: list[str], threads: int | None = None, **kwargs) -> None:
+def _generate(
+    artifact: Path, texts: list[str], threads: int | None = None, draft_model: Path | None = None, **kwargs
+) -> None:
     from .runtime.engine import Engine
 
     with console.status("loading artifact"):
-        engine = Engine(artifact, threads=threads)
+        engine = Engine(artifact, threads=threads, draft_model=draft_model)
     with console.status(f"generating for {len(texts)} prompt(s)"):
         results = engine.generate(texts, **kwargs)
     for i, r in enumerate(results):
