@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from tvm import relax
 from tvm.contrib import tvmjs
@@ -98,7 +99,8 @@ def compile_model(
     timings: dict[str, float] = {}
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     try:
-        with Progress(*columns, disable=quiet, transient=False) as progress:
+        # transient: the display is cleared at the end, so a failure leaves only its one-line error
+        with Progress(*columns, disable=quiet, transient=True) as progress:
 
             def step(description: str):
                 return _Step(progress, description, timings)
@@ -144,6 +146,9 @@ def compile_model(
         if output.exists():
             shutil.rmtree(output)
         os.replace(tmp, output)
+        if not quiet:
+            steps = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items())
+            Console(stderr=True).print(f"compiled {output} ({steps})", highlight=False, soft_wrap=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -29,19 +29,18 @@ def _one_line_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            console.print(f"[red]error:[/red] {e}", highlight=False)
+            click.echo(f"error: {e}", err=True)  # plain echo: never wrapped, whatever the width
             sys.exit(2)
         except KeyboardInterrupt:
-            console.print("[red]interrupted[/red]")
+            click.echo("interrupted", err=True)
             sys.exit(130)
         except Exception as e:  # noqa: BLE001 - the promise is: never a traceback
             if os.environ.get("MLC_MAGICDEC_DEBUG"):
                 raise
             msg = " ".join(str(e).split())[:300]
-            console.print(
-                f"[red]internal error:[/red] {type(e).__name__}: {msg} "
-                f"(set MLC_MAGICDEC_DEBUG=1 for the traceback)",
-                highlight=False,
+            click.echo(
+                f"internal error: {type(e).__name__}: {msg} (set MLC_MAGICDEC_DEBUG=1 for the traceback)",
+                err=True,
             )
             sys.exit(1)
 

@@ -95,6 +95,7 @@ class PrefilledBatch:
     prompts: list[list[int]]
     seq_ids: list[int]
     max_new_tokens: int
+    max_gamma: int  # the longest speculation round its KV reservation allows (0: plain decoding only)
     logits: np.ndarray | None = None  # last-position logits of each prompt
     prefill_seconds: float = 0.0
     snapkv_scores: dict[tuple[int, int], np.ndarray] = dataclasses.field(default_factory=dict)
@@ -530,9 +531,14 @@ class Engine:
     # API
 
     def prefill(
-        self, prompts: str | Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 128
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int = 128,
+        max_gamma: int = MAX_GAMMA,
     ) -> PrefilledBatch:
-        """Prefill the prompts and reserve KV for ``max_new_tokens`` (plus a speculation round) each.
+        """Prefill the prompts and reserve KV for ``max_new_tokens`` each, plus one speculation round of up
+        to ``max_gamma`` draft tokens (0: plain decoding only).
 
         The batch can be decoded several times with ``decode`` (each call restarts from the prompts, which
         lets you compare settings on one prefill); release it with ``release`` or use it as a context manager.
@@ -541,7 +547,7 @@ class Engine:
         first_id = self._next_seq_id
         self._next_seq_id += len(prompt_ids)
         batch = PrefilledBatch(
-            self, prompt_ids, list(range(first_id, first_id + len(prompt_ids))), max_new_tokens
+            self, prompt_ids, list(range(first_id, first_id + len(prompt_ids))), max_new_tokens, max_gamma
         )
         placeholders = [
             _Request(i, p, SamplingParams(), None, max_new_tokens) for i, p in zip(batch.seq_ids, prompt_ids)
@@ -549,7 +555,7 @@ class Engine:
         reserved = []
         try:
             for runner in self.runners:
-                self._reserve(runner, placeholders, slack=MAX_GAMMA + 1)
+                self._reserve(runner, placeholders, slack=max_gamma + 1 if max_gamma else 0)
                 reserved.append(runner)
             t0 = time.perf_counter()
             for runner in reversed(self.runners):  # the target last: its logits start the generation
@@ -596,6 +602,11 @@ class Engine:
                 runner.pages.set_length(r.seq_id, len(r.prompt))
         if speculate:
             self._attach_drafts(requests, draft, budget, gamma, draft_settings)
+            if gamma > batch.max_gamma:
+                raise RequestError(
+                    f"gamma {gamma} exceeds the {batch.max_gamma} this batch was prefilled for; "
+                    f"pass max_gamma to prefill"
+                )
             t0 = time.perf_counter()
             self._build_views(self.drafter, requests, batch)
             stats.prefill_seconds += time.perf_counter() - t0
@@ -633,5 +644,9 @@ class Engine:
         prompt; ``draft_settings`` gives full control), and one target pass verifies them. Greedy output is
         identical to plain decoding, and sampling keeps the target's distribution (rejection sampling).
         """
-        with self.prefill(prompts, max_new_tokens=max_new_tokens) as batch:
+        speculate = decode_args.get("speculate", False)
+        max_gamma = decode_args.get("gamma", DEFAULT_GAMMA) if speculate else 0
+        if not isinstance(max_gamma, (int, np.integer)) or not 0 <= max_gamma <= MAX_GAMMA:
+            max_gamma = MAX_GAMMA  # decode reports the bad gamma
+        with self.prefill(prompts, max_new_tokens=max_new_tokens, max_gamma=max_gamma) as batch:
             return self.decode(batch, **decode_args)

@@ -51,7 +51,7 @@ def make_batch(rng, lengths, new_per_seq):
     tables, start = [], 0
     for n in lengths:
         k = -(-n // PAGE_SIZE)
-        tables.append(perm[start: start + k])
+        tables.append(perm[start : start + k])
         start += k
     width = max(len(t) for t in tables)
     page_table = np.zeros((len(lengths), width), np.int32)
@@ -71,7 +71,9 @@ def fill_pool(kernels, page_table, keys, values, num_pages):
         pos = np.arange(len(k))
         slots = (page_table[b, pos // PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE).astype(np.int32)
         for layer in range(LAYERS):
-            kernels["append"](pool, tvm.runtime.tensor(k), tvm.runtime.tensor(v), tvm.runtime.tensor(slots), layer)
+            kernels["append"](
+                pool, tvm.runtime.tensor(k), tvm.runtime.tensor(v), tvm.runtime.tensor(slots), layer
+            )
     return pool
 
 
@@ -83,8 +85,16 @@ def test_dense_view_matches_numpy(kernels, new_per_seq):
     pool = fill_pool(kernels, page_table, keys, values, num_pages)
     q = rng.standard_normal((len(seq_rows), HQ, D)).astype(np.float32)
     out = tvm.runtime.empty(q.shape, "float32")
-    kernels["dense"](tvm.runtime.tensor(q), pool, tvm.runtime.tensor(page_table), tvm.runtime.tensor(seq_rows),
-                     tvm.runtime.tensor(positions), tvm.runtime.tensor(query_tiles(seq_rows)), LAYER, out)
+    kernels["dense"](
+        tvm.runtime.tensor(q),
+        pool,
+        tvm.runtime.tensor(page_table),
+        tvm.runtime.tensor(seq_rows),
+        tvm.runtime.tensor(positions),
+        tvm.runtime.tensor(query_tiles(seq_rows)),
+        LAYER,
+        out,
+    )
     lists = [(int(b), [np.arange(p + 1)] * HKV) for b, p in zip(seq_rows, positions)]
     np.testing.assert_allclose(out.numpy(), reference(q, keys, values, lists), atol=2e-5, rtol=1e-4)
 
@@ -111,15 +121,24 @@ def test_sparse_view_matches_numpy(kernels, new_per_seq):
     q = rng.standard_normal((len(seq_rows), HQ, D)).astype(np.float32)
     out = tvm.runtime.empty(q.shape, "float32")
     kernels["sparse"](
-        tvm.runtime.tensor(q), pool, tvm.runtime.tensor(page_table), tvm.runtime.tensor(seq_rows),
-        tvm.runtime.tensor(positions), tvm.runtime.tensor(query_tiles(seq_rows)),
-        tvm.runtime.tensor(static_pos), tvm.runtime.tensor(np.array(budgets, np.int32)),
-        tvm.runtime.tensor(window_start), LAYER, out,
+        tvm.runtime.tensor(q),
+        pool,
+        tvm.runtime.tensor(page_table),
+        tvm.runtime.tensor(seq_rows),
+        tvm.runtime.tensor(positions),
+        tvm.runtime.tensor(query_tiles(seq_rows)),
+        tvm.runtime.tensor(static_pos),
+        tvm.runtime.tensor(np.array(budgets, np.int32)),
+        tvm.runtime.tensor(window_start),
+        LAYER,
+        out,
     )
     lists = []
     for b, p in zip(seq_rows, positions):
         window = np.arange(window_start[b], p + 1)
-        lists.append((int(b), [np.concatenate([static_pos[b, LAYER, h, : budgets[b]], window]) for h in range(HKV)]))
+        lists.append(
+            (int(b), [np.concatenate([static_pos[b, LAYER, h, : budgets[b]], window]) for h in range(HKV)])
+        )
     np.testing.assert_allclose(out.numpy(), reference(q, keys, values, lists), atol=2e-5, rtol=1e-4)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CONTEXT, TINY_VOCAB
+
 from mlc_magicdec.runtime.engine import Engine
 from mlc_magicdec.runtime.views import (
     DraftSettings,
@@ -14,8 +16,6 @@ from mlc_magicdec.runtime.views import (
     snapkv_view,
     streaming_view,
 )
-
-from conftest import TINY_CONTEXT, TINY_VOCAB
 
 LOGITS_ATOL = 1e-4
 SCORES_ATOL = 1e-4

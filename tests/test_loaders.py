@@ -11,9 +11,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 from mlc_magicdec.compile.config import ModelError
 from mlc_magicdec.compile.loaders import LoadedModel, load_model, unpermute_qk
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 TEXTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "texts"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -358,8 +359,9 @@ def test_weights_mapping_is_lazy_and_read_only(tmp_path, tiny_llama, tiny_tokeni
     ("qwen2", "qwen2"),
 ])
 def test_gguf_gpt2_tokenizer_matches_original(tmp_path, tiny_llama, tiny_tokenizer, pre, pre_tokenizer):
-    from mlc_magicdec.compile import loaders
     from tokenizers import Regex, normalizers
+
+    from mlc_magicdec.compile import loaders
 
     if pre_tokenizer is None:
         original = tiny_tokenizer

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAMILIES, TINY_VOCAB
+
 from mlc_magicdec.runtime.engine import Engine
 
 ATOL = 1e-4

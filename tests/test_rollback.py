@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import TINY_VOCAB
+
 from mlc_magicdec.compile.attention import PAGE_SIZE
 from mlc_magicdec.runtime.engine import Engine
-
-from conftest import TINY_VOCAB
 
 KV_ATOL = 1e-5
 NEW_TOKENS = 24

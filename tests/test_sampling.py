@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.special
 import scipy.stats
+
 from mlc_magicdec.runtime.sampling import (
     SamplingParams,
     probs_from_logits,

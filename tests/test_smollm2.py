@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from mlc_magicdec.runtime.engine import Engine
 
 pytestmark = pytest.mark.smollm2

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import TINY_CONTEXT, TINY_VOCAB
+
 from mlc_magicdec.errors import UserError
 from mlc_magicdec.runtime.engine import MAX_GAMMA, Engine, RequestError
 from mlc_magicdec.runtime.views import DEFAULT_SINK, DEFAULT_WINDOW, DraftSettings
-
-from conftest import TINY_CONTEXT, TINY_VOCAB
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import stats
+
 from mlc_magicdec.compile.build import compile_model
 from mlc_magicdec.runtime.engine import Engine
 from mlc_magicdec.runtime.views import DraftSettings
-from scipy import stats
 
 VOCAB = 16
 CONTEXT = 64
