@@ -447,5 +447,118 @@ def demo_cmd(max_new_tokens: int) -> None:
     _generate(artifact, [prompt], max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, seed=None)
 
 
+@main.command("plan")
+@click.option(
+    "--model",
+    "model_spec",
+    required=True,
+    help="Artifact folder, HF config.json (or its folder), or a built-in: llama-3.1-8b, llama-3.2-1b.",
+)
+@click.option(
+    "--hardware",
+    default="rtx4090",
+    show_default=True,
+    help="rtx4090, a100-80gb, h100-sxm, h200, m2-max, m3-max; prefix Nx for N devices (8xA100).",
+)
+@click.option(
+    "--batch",
+    "batches",
+    callback=_csv_ints,
+    default="1,8,64",
+    show_default=True,
+    help="Batch sizes (comma-separated).",
+)
+@click.option(
+    "--context",
+    "contexts",
+    callback=_csv_ints,
+    default="4096,32768",
+    show_default=True,
+    help="Context lengths in tokens (comma-separated).",
+)
+@click.option(
+    "--alpha",
+    "alpha_text",
+    default="0.85",
+    show_default=True,
+    help="Acceptance rate, or a measured curve of budget:rate pairs (256:0.8,512:0.85,1024:0.9).",
+)
+@click.option(
+    "--budget",
+    "budgets",
+    callback=_csv_ints,
+    default=None,
+    help="Draft KV budgets to consider (default: the curve's, or 256,512,1024,2048).",
+)
+@click.option(
+    "--gamma",
+    "gammas",
+    callback=_csv_ints,
+    default="1,2,3,4,5,6",
+    show_default=True,
+    help="Draft lengths to consider (comma-separated).",
+)
+@click.option("--dtype", default=None, help="Weight and KV dtype (default: the artifact's, else float16).")
+@click.option("--draft-model", default=None, help="A smaller draft model (same forms as --model).")
+@click.option(
+    "--draft-kv",
+    type=click.Choice(["compressed", "full"]),
+    default="compressed",
+    show_default=True,
+    help="Whether the draft attends to a budget of KV entries or to all.",
+)
+@click.option(
+    "--overhead-us",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Fixed cost per forward step in microseconds (launches, all-reduces).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON instead of a table.")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="PNG of predicted speedup against context, one line per batch size.",
+)
+@_one_line_errors
+def plan_cmd(
+    model_spec: str,
+    hardware: str,
+    batches: list[int],
+    contexts: list[int],
+    alpha_text: str,
+    budgets: list[int] | None,
+    gammas: list[int],
+    dtype: str | None,
+    draft_model: str | None,
+    draft_kv: str,
+    overhead_us: float,
+    as_json: bool,
+    plot_path: Path | None,
+) -> None:
+    """Predict T_T, T_D, T_V, speedup, the best gamma and budget, and the critical length (roofline)."""
+    import dataclasses
+    import json
+
+    from .bench import costmodel as cm
+
+    us = 1e-6
+    hw = dataclasses.replace(cm.parse_hardware(hardware), overhead_s=overhead_us * us)
+    model = cm.load_model(model_spec, dtype)
+    alpha = cm.parse_alpha(alpha_text)
+    draft = cm.Draft(cm.load_model(draft_model, dtype) if draft_model else None, draft_kv == "compressed")
+    if not batches or not contexts or not gammas or budgets == []:
+        raise UserError("--batch, --context, --gamma and --budget need at least one value each")
+    plans = [cm.best_plan(model, hw, b, c, alpha, budgets, gammas, draft) for b in batches for c in contexts]
+    if as_json:
+        click.echo(json.dumps(cm.plans_to_dict(model, hw, draft, alpha, plans), indent=2))
+    else:
+        out.print(cm.plans_table(model, hw, draft, plans))
+    if plot_path:
+        cm.plot_plans(model, hw, draft, alpha, plans, budgets, gammas, plot_path)
+
+
 if __name__ == "__main__":
     main()
