@@ -394,13 +394,16 @@ class Engine:
         if settings is None:
             if draft not in DRAFT_KINDS:
                 raise RequestError(f"unknown draft {draft!r}; choose one of: {', '.join(DRAFT_KINDS)}")
-            budgets = budget if isinstance(budget, Sequence) else [budget] * len(requests)
-            if len(budgets) != len(requests):
-                raise RequestError(f"got {len(budgets)} budgets for {len(requests)} prompts")
-            default = self.artifact.config.get("draft_budget") or DraftSettings().budget
+            budgets = list(budget) if isinstance(budget, (Sequence, np.ndarray)) else [budget] * len(requests)
+            # default: the artifact's, else DEFAULT_BUDGET, but never more than half the context window
+            default = self.artifact.config.get("draft_budget") or min(
+                DraftSettings().budget, self.config.context_window // 2
+            )
             settings = [DraftSettings(draft, int(b if b is not None else default)) for b in budgets]
         elif isinstance(settings, DraftSettings):
             settings = [settings] * len(requests)
+        if len(settings) != len(requests):
+            raise RequestError(f"got {len(settings)} draft budgets or settings for {len(requests)} prompts")
         for r, s in zip(requests, settings):
             try:
                 s.validate(self.config.context_window)
@@ -594,7 +597,9 @@ class Engine:
         if batch.released:
             raise RequestError("this prefilled batch was released; prefill the prompts again")
         params = SamplingParams(temperature, top_p, seed)
-        requests = self._requests(batch, max_new_tokens or batch.max_new_tokens, params)
+        requests = self._requests(
+            batch, batch.max_new_tokens if max_new_tokens is None else max_new_tokens, params
+        )
         stats = GenerationStats(prefill_seconds=batch.prefill_seconds)
         for r in requests:
             r.draft_len = len(r.prompt)

@@ -1,5 +1,6 @@
 """The draft's compressed KV views: StreamingLLM and SnapKV selection against numpy, SnapKV's device scores
-against transformers' attention probabilities, and a view that covers everything giving the target's logits."""
+against transformers' attention probabilities, draft logits against transformers attending to the same
+positions, and a view that covers everything giving the target's logits."""
 
 from __future__ import annotations
 
@@ -109,7 +110,8 @@ def test_streaming_view_is_sinks_plus_a_sliding_window(budget, sink):
     for prompt_len in (1, 3, sink, budget - 1, budget, budget + 1, 200):
         if prompt_len < 1:
             continue
-        view = streaming_view(DraftSettings("streamingllm", budget=budget, sink=sink), prompt_len, LAYERS, HEADS)
+        settings = DraftSettings("streamingllm", budget=budget, sink=sink)
+        view = streaming_view(settings, prompt_len, LAYERS, HEADS)
         sinks = list(range(min(sink, prompt_len)))
         assert view.static.shape == (LAYERS, HEADS, len(sinks))
         assert (view.static == np.array(sinks, dtype=np.int32)).all()
@@ -161,8 +163,8 @@ def _draft_and_verify_logits(engine: Engine, batch, views, tokens: np.ndarray):
     static_pos, static_len = pack_views(views)
     window_start = np.array([v.window_start(int(c)) for v, c in zip(views, committed)], np.int32)
     draft = np.stack([
-        runner.forward("draft", tokens[:, i], np.arange(n), committed + i, batch.seq_ids, static_pos, static_len,
-                       window_start)
+        runner.forward("draft", tokens[:, i], np.arange(n), committed + i, batch.seq_ids,
+                       static_pos, static_len, window_start)
         for i in range(steps)], axis=1)
     seq_rows = np.repeat(np.arange(n), steps)
     positions = (committed[:, None] + np.arange(steps)).reshape(-1)
@@ -173,24 +175,20 @@ def _draft_and_verify_logits(engine: Engine, batch, views, tokens: np.ndarray):
 @pytest.mark.parametrize("kind", ["streamingllm", "snapkv"])
 def test_a_view_covering_everything_gives_the_target_logits(tiny, kind):
     _, engine = tiny
-    cfg = engine.config
     lengths = (150, 37, 90)
     with engine.prefill(_prompts(3, lengths), max_new_tokens=16) as batch:
         if kind == "streamingllm":  # no sinks and a window wider than everything committed
             settings = DraftSettings("streamingllm", budget=TINY_CONTEXT - 1, sink=0)
-            views = [streaming_view(settings, n, cfg.num_layers, cfg.num_kv_heads) for n in lengths]
         else:  # SnapKV with a budget above the prompt keeps every position
             settings = DraftSettings("snapkv", budget=200, window=32)
-            scores = engine._snapkv_scores(engine.target, [_Req(s, p, settings)
-                                                           for s, p in zip(batch.seq_ids, batch.prompts)])
-            views = [snapkv_view(settings, n, scores[s], cfg.num_layers, cfg.num_kv_heads)
-                     for s, n in zip(batch.seq_ids, lengths)]
+        views = _views(engine, batch, settings)
         tokens = np.random.default_rng(4).integers(3, TINY_VOCAB, (len(lengths), 5))
         draft, verify = _draft_and_verify_logits(engine, batch, views, tokens)
         np.testing.assert_allclose(draft, verify, atol=LOGITS_ATOL, rtol=0)
         # one-token decode from the same state gives the same logits as well
         committed = np.array(lengths)
-        decode = engine.target.forward("decode", tokens[:, 0], np.arange(len(lengths)), committed, batch.seq_ids)
+        decode = engine.target.forward("decode", tokens[:, 0], np.arange(len(lengths)), committed,
+                                       batch.seq_ids)
         np.testing.assert_allclose(draft[:, 0], decode, atol=LOGITS_ATOL, rtol=0)
 
 
@@ -217,6 +215,78 @@ def test_full_view_speculation_accepts_every_greedy_draft(tiny):
     assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
     assert spec[0].stats.acceptance_rate == 1.0
     assert all(set(r.accepted_lengths[:-1]) == {5} for r in spec)
+
+
+VIEW_CASES = {
+    "streamingllm": DraftSettings("streamingllm", budget=20, sink=4),
+    "snapkv": DraftSettings("snapkv", budget=48, window=16, pool_kernel=5),
+}
+
+
+def _views(engine: Engine, batch, settings: DraftSettings):
+    cfg = engine.config
+    if settings.kind == "streamingllm":
+        return [streaming_view(settings, len(p), cfg.num_layers, cfg.num_kv_heads) for p in batch.prompts]
+    scores = engine._snapkv_scores(engine.target, [_Req(s, p, settings)
+                                                   for s, p in zip(batch.seq_ids, batch.prompts)])
+    return [snapkv_view(settings, len(p), scores[s], cfg.num_layers, cfg.num_kv_heads)
+            for s, p in zip(batch.seq_ids, batch.prompts)]
+
+
+_ALLOWED: dict[int, torch.Tensor] = {}  # layer -> [heads, T, T] keys each query may attend to
+
+
+def _masked_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager attention restricted, per layer and head, to the keys in ``_ALLOWED``."""
+    group = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(group, dim=1)
+    value = value.repeat_interleave(group, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    weights = weights.masked_fill(~_ALLOWED[module.layer_idx][None], float("-inf"))
+    probs = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+@pytest.mark.parametrize("kind", list(VIEW_CASES))
+def test_draft_logits_equal_transformers_attending_to_the_view(tiny, kind):
+    """End to end: each draft step equals transformers' model whose draft-position queries may only see the
+    view's static positions (per layer and KV head) and the window up to themselves, while the prompt keeps
+    full causal attention (its KV is the target's)."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+
+    folder, engine = tiny
+    cfg = engine.config
+    group = cfg.num_heads // cfg.num_kv_heads
+    AttentionInterface.register("magicdec_test_view", _masked_attention)
+    hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="magicdec_test_view",
+                                              dtype=torch.float32).eval()
+    settings = VIEW_CASES[kind]
+    lengths, steps = (150, 70), 4
+    prompts = _prompts(9, lengths)
+    tokens = np.random.default_rng(10).integers(3, TINY_VOCAB, (len(lengths), steps))
+    with engine.prefill(prompts, max_new_tokens=16) as batch:
+        views = _views(engine, batch, settings)
+        draft, verify = _draft_and_verify_logits(engine, batch, views, tokens)
+    assert np.abs(draft - verify).max() > 100 * LOGITS_ATOL  # the view really compresses
+    for row, (prompt, view) in enumerate(zip(prompts, views)):
+        n = len(prompt)
+        if kind == "snapkv":  # the heads and layers really keep different positions
+            assert not np.array_equal(view.static[0, 0], view.static[-1, -1])
+        total = n + steps
+        start = view.window_start(n)
+        _ALLOWED.clear()
+        for layer in range(cfg.num_layers):
+            allowed = torch.tril(torch.ones(cfg.num_heads, total, total, dtype=torch.bool))
+            allowed[:, n:, :] = False
+            for h in range(cfg.num_heads):
+                keep = torch.as_tensor(view.static[layer, h // group].astype(np.int64))
+                for q in range(n, total):
+                    allowed[h, q, keep] = True
+                    allowed[h, q, start: q + 1] = True
+            _ALLOWED[layer] = allowed
+        with torch.no_grad():
+            want = hf(torch.tensor([prompt + tokens[row].tolist()])).logits[0, n:].double().numpy()
+        np.testing.assert_allclose(draft[row], want, atol=LOGITS_ATOL, rtol=0, err_msg=f"row {row}")
 
 
 class _Req:
@@ -255,6 +325,7 @@ def test_snapkv_scores_match_transformers_attention(tiny):
             probs = att[0, :, n - window:, :].double().numpy()  # [heads, window, n]
             want = probs.reshape(cfg.num_kv_heads, group, window, n).sum(axis=(1, 2))
             got = scores[layer, row, :, :n]
-            np.testing.assert_allclose(got, want, atol=SCORES_ATOL, rtol=0, err_msg=f"layer {layer} row {row}")
+            np.testing.assert_allclose(got, want, atol=SCORES_ATOL, rtol=0,
+                                       err_msg=f"layer {layer} row {row}")
             # each query's probabilities sum to one: the scores of a KV head add up to group * window
             np.testing.assert_allclose(got.sum(axis=-1), group * window, rtol=1e-4)

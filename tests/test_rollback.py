@@ -13,6 +13,7 @@ from conftest import TINY_VOCAB
 
 from mlc_magicdec.compile.attention import PAGE_SIZE
 from mlc_magicdec.runtime.engine import Engine
+from mlc_magicdec.runtime.views import DraftSettings, pack_views, streaming_view
 
 KV_ATOL = 1e-5
 NEW_TOKENS = 24
@@ -84,14 +85,13 @@ def test_the_comparison_sees_draft_kv(artifact):
     prompt = rng.integers(3, TINY_VOCAB, 90).tolist()
     token = int(rng.integers(3, TINY_VOCAB))
     with engine.prefill([prompt], max_new_tokens=4) as batch:
-        from mlc_magicdec.runtime.views import DraftSettings, pack_views, streaming_view
-
         cfg = engine.config
         view = streaming_view(DraftSettings("streamingllm", budget=10, sink=2), len(prompt), cfg.num_layers,
                               cfg.num_kv_heads)
         static_pos, static_len = pack_views([view])
-        engine.target.forward("draft", np.array([token]), np.array([0]), np.array([len(prompt)]), batch.seq_ids,
-                              static_pos, static_len, np.array([view.window_start(len(prompt))], np.int32))
+        window_start = np.array([view.window_start(len(prompt))], np.int32)
+        engine.target.forward("draft", np.array([token]), np.array([0]), np.array([len(prompt)]),
+                              batch.seq_ids, static_pos, static_len, window_start)
         engine.target.pages.set_length(batch.seq_ids[0], len(prompt) + 1)
         k, v = committed_kv(engine, batch.seq_ids[0])
     with fresh.prefill([prompt + [token]], max_new_tokens=1) as ref:

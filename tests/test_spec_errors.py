@@ -63,6 +63,9 @@ BAD = {
     "budgets-too-few": dict(draft="snapkv", budget=[64, 128]),
     "budgets-too-many": dict(draft="streamingllm", budget=[64, 128, 256, 64]),
     "budgets-one-bad": dict(draft="snapkv", budget=[64, 16, 128]),
+    # per-sequence draft settings of the wrong length
+    "settings-too-few": dict(draft_settings=[DraftSettings("snapkv", budget=64)] * 2),
+    "settings-too-many": dict(draft_settings=[DraftSettings("streamingllm", budget=64)] * 4),
 }
 
 
@@ -107,12 +110,27 @@ def test_generate_refuses_bad_settings_and_frees_its_pages(tiny_models):
         assert engine.target.pages.free_pages == free
 
 
+def test_gamma_beyond_what_prefill_reserved_is_refused(tiny_models):
+    engine = Engine(tiny_models("llama")[2])  # its own pool: the module's engine holds a prefilled batch
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, TINY_VOCAB, 30).tolist() for _ in range(2)]
+    with engine.prefill(prompts, max_new_tokens=6, max_gamma=2) as small:
+        plain = [r.token_ids for r in engine.decode(small, stop_at_eos=False)]
+        with pytest.raises(RequestError) as info:
+            engine.decode(small, speculate=True, gamma=3, budget=64, stop_at_eos=False)
+        assert "\n" not in str(info.value) and "max_gamma" in str(info.value)
+        spec = engine.decode(small, speculate=True, gamma=2, draft="streamingllm", budget=8,
+                             stop_at_eos=False)
+        assert [r.token_ids for r in spec] == plain
+
+
 def test_good_settings_at_the_limits_are_accepted(engine, batch, plain):
     """The boundaries themselves are valid: budget just above the sink/window and just below the context,
     gamma 1 and MAX_GAMMA."""
     for kwargs in (dict(draft="streamingllm", budget=DEFAULT_SINK + 1, gamma=1),
                    dict(draft="snapkv", budget=DEFAULT_WINDOW + 1, gamma=MAX_GAMMA),
                    dict(draft="streamingllm", budget=TINY_CONTEXT - 1, gamma=2),
-                   dict(draft="snapkv", budget=[DEFAULT_WINDOW + 1, 100, TINY_CONTEXT - 1], gamma=np.int64(3))):
+                   dict(draft="snapkv", budget=[DEFAULT_WINDOW + 1, 100, TINY_CONTEXT - 1],
+                        gamma=np.int64(3))):
         results = engine.decode(batch, speculate=True, stop_at_eos=False, **kwargs)
         assert [r.token_ids for r in results] == plain, kwargs
