@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Reproduce the CPU figures in bench/results/ (SmolLM2-135M fp32, llvm). Takes about an hour on 2 cores.
+# Run on a quiet machine: every table is a ratio measured side by side in one run, but other load still adds noise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=bench/results
+art=${ARTIFACT:-$(mktemp -d)/smollm2}
+mkdir -p "$out"
+
+# Compile time, three times (the artifact records each step's seconds in mlc-magicdec-config.json).
+for i in 1 2 3; do
+  /usr/bin/time -f "compile %e s" mlc-magicdec compile smollm2 --target llvm -o "$art" --force 2>&1 | tail -1
+done | tee "$out/compile_time.txt"
+
+# Plain decoding against transformers (issue: foundation): batch 1 and 8 at a 4,096-token context.
+mlc-magicdec bench "$art" --peers --batch 1,8 --context 4096 --new-tokens 32 --repeats 3 \
+  --json "$out/plain_vs_transformers.json" | tee "$out/plain_vs_transformers.txt"
+
+# Acceptance of both draft views at budgets 128-1024 on 4k prompts, gamma 1-5.
+mlc-magicdec bench "$art" --batch 8 --context 4096 --new-tokens 128 --draft snapkv,streamingllm \
+  --budget 128,256,512,1024 --gamma 1,2,3,4,5 --json "$out/acceptance_4k.json" | tee "$out/acceptance_4k.txt"
+
+# The MagicDec table and plot: batch 1-16 x context 1k-8k, best gamma per cell.
+mlc-magicdec bench "$art" --batch 1,4,8,16 --context 1024,2048,4096,8192 --new-tokens 128 --draft snapkv \
+  --budget 256 --gamma 1,2,3,4,5 --json "$out/magicdec_cpu.json" --plot "$out/magicdec_cpu_speedup.png" \
+  | tee "$out/magicdec_cpu.txt"
