@@ -90,7 +90,7 @@ def _compile_options(fn):
             "drafts",
             multiple=True,
             type=click.Choice(["streamingllm", "snapkv"]),
-            help="Self-speculative draft views to build in (repeatable).",
+            help="Draft views to record in the artifact (repeatable; both views are always compiled in).",
         ),
         click.option(
             "--budget",
