@@ -23,7 +23,7 @@ from tvm.contrib import tvmjs
 from .. import __version__
 from ..errors import UserError
 from ..hashing import file_sha256
-from ..runtime.artifact import CONFIG_NAME
+from ..runtime.artifact import ARTIFACT_FORMAT, CONFIG_NAME
 from ..schedules import relax_pipeline
 from .config import ModelConfig
 from .convert import convert
@@ -119,6 +119,7 @@ def compile_model(
                 build_library(mod, preset, tmp / LIBRARY_NAME)
             (tmp / TOKENIZER_NAME).write_text(loaded.tokenizer_json)
             config = {
+                "format": ARTIFACT_FORMAT,
                 "version": __version__,
                 "model": cfg.to_dict(),
                 "source": str(model_path),

@@ -422,14 +422,13 @@ def _bench_peers(artifact, batches, contexts, new_tokens, repeats, texts, thread
 
 
 def _is_current(artifact: Path) -> bool:
-    """Whether ``artifact`` exists and was compiled by this version."""
+    """Whether ``artifact`` exists and this version can load it."""
     import json
 
-    from . import __version__
-    from .runtime.artifact import CONFIG_NAME
+    from .runtime.artifact import ARTIFACT_FORMAT, CONFIG_NAME
 
     try:
-        return json.loads((artifact / CONFIG_NAME).read_text()).get("version") == __version__
+        return json.loads((artifact / CONFIG_NAME).read_text()).get("format") == ARTIFACT_FORMAT
     except (OSError, ValueError):
         return False
 

@@ -18,6 +18,7 @@ from ..errors import UserError
 from ..hashing import file_sha256
 
 CONFIG_NAME = "mlc-magicdec-config.json"
+ARTIFACT_FORMAT = 1  # bump whenever the library's functions or the pool layout change
 
 
 class ArtifactError(UserError, ValueError):
@@ -64,6 +65,15 @@ class Artifact:
             )
         try:
             config = json.loads(cfg_path.read_text())
+            fmt = config.get("format")
+        except (ValueError, AttributeError) as e:
+            raise ArtifactError(f"{cfg_path} is corrupt ({e}); compile the model again") from None
+        if fmt != ARTIFACT_FORMAT:
+            raise ArtifactError(
+                f"{path} was compiled by another version of mlc-magicdec (artifact format "
+                f"{fmt}, this version reads {ARTIFACT_FORMAT}); compile it again"
+            )
+        try:
             model = ModelConfig.from_dict(config["model"])
             library = path / config["library"]
             hashes = config["hashes"]

@@ -175,6 +175,10 @@ def _broken_artifact(tmp_path: Path, artifact: Path, how: str) -> Path:
         (broken / "tensor-cache.json").unlink()
     elif how == "corrupt-config":
         (broken / CONFIG_NAME).write_text("{not json")
+    elif how == "older-format":
+        config = json.loads((broken / CONFIG_NAME).read_text())
+        del config["format"]
+        (broken / CONFIG_NAME).write_text(json.dumps(config))
     elif how == "empty-folder":
         shutil.rmtree(broken)
         broken.mkdir()
@@ -189,6 +193,7 @@ BROKEN = {  # how -> a word the message must hold
     "no-library": "model.so",
     "no-tensor-cache": "tensor-cache.json",
     "corrupt-config": CONFIG_NAME,
+    "older-format": "compile it again",
     "empty-folder": "artifact",
     "missing-folder": "artifact",
 }
