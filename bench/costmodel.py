@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -27,6 +26,7 @@ from typing import Any
 from rich.table import Table
 
 from ..compile.config import ModelConfig, ModelError
+from ..compile.loaders import read_json
 from ..errors import UserError
 
 ARTIFACT_CONFIG_NAME = "mlc-magicdec-config.json"  # = runtime.artifact.CONFIG_NAME (that module loads TVM)
@@ -563,16 +563,6 @@ LLAMA_3_2_1B = dataclasses.replace(
 BUILTIN_MODELS = {"llama-3.1-8b": LLAMA_3_1_8B, "llama-3.2-1b": LLAMA_3_2_1B}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CostModelError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    if not isinstance(data, dict):
-        raise CostModelError(f"{path} is not a JSON object")
-    return data
-
-
 def _dtype_bytes(dtype: str | None, where: Path) -> int:
     dtype = dtype or DEFAULT_DTYPE
     if dtype not in DTYPE_BYTES:
@@ -590,7 +580,7 @@ def load_model(spec: str, dtype: str | None = None) -> ModelSpec:
         return ModelSpec(BUILTIN_MODELS[name], _dtype_bytes(dtype, Path(name)), name)
     path = Path(spec)
     if path.is_dir() and (path / ARTIFACT_CONFIG_NAME).is_file():
-        cfg = _read_json(path / ARTIFACT_CONFIG_NAME)
+        cfg = read_json(path / ARTIFACT_CONFIG_NAME)
         try:
             config = ModelConfig.from_dict(cfg["model"])
         except (KeyError, TypeError) as e:
@@ -602,7 +592,7 @@ def load_model(spec: str, dtype: str | None = None) -> ModelSpec:
             f"no model at {spec!r}; give an artifact folder, a config.json (or its folder), "
             f"or one of {', '.join(BUILTIN_MODELS)}"
         )
-    cfg = _read_json(file)
+    cfg = read_json(file)
     try:
         config = ModelConfig.from_hf(cfg)
     except ModelError as e:

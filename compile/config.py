@@ -18,6 +18,20 @@ class ModelError(UserError, ValueError):
     """A model file or config that cannot be used; the message is one line and says what to do."""
 
 
+def _legacy_rope_keys(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Translate transformers>=5's ``rope_parameters`` into the older ``rope_theta``/``rope_scaling`` keys."""
+    params = cfg.get("rope_parameters")
+    if not isinstance(params, dict):
+        return cfg
+    cfg = dict(cfg)
+    if "rope_theta" in params:
+        cfg.setdefault("rope_theta", params["rope_theta"])
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        cfg.setdefault("rope_scaling", scaling)
+    return cfg
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture hyper-parameters. The three families differ only by these fields."""
@@ -44,6 +58,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Build from a Hugging Face ``config.json`` dict; raises ModelError if unsupported."""
+        cfg = _legacy_rope_keys(cfg)
         archs = cfg.get("architectures") or []
         family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if family is None:

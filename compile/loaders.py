@@ -155,25 +155,12 @@ _BF16_SHIFT = 16  # bfloat16 is the top half of a float32
 _FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
 
 
-def _hf_config_dict(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Translate transformers>=5's ``rope_parameters`` into the older ``rope_theta``/``rope_scaling`` keys."""
-    params = cfg.get("rope_parameters")
-    if not isinstance(params, dict):
-        return cfg
-    cfg = dict(cfg)
-    if "rope_theta" in params:
-        cfg.setdefault("rope_theta", params["rope_theta"])
-    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-    if scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        cfg.setdefault("rope_scaling", scaling)
-    return cfg
-
-
 def _corrupt(path: Path, e: BaseException) -> ModelError:
     return ModelError(f"cannot read {path}: {_one_line(e)}; the file is corrupt, download it again")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; ModelError (one line) if it is unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -196,10 +183,10 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
     if not cfg_path.is_file():
         raise ModelError(f"{folder} has no config.json; pass a Hugging Face model folder or a .gguf file")
     try:
-        config = ModelConfig.from_hf(_hf_config_dict(_read_json(cfg_path)))
+        config = ModelConfig.from_hf(read_json(cfg_path))
         gen_path = folder / "generation_config.json"
         if gen_path.is_file():
-            gen = _read_json(gen_path)
+            gen = read_json(gen_path)
             eos = list(config.eos_token_ids)
             eos += [i for i in _as_ids(gen.get("eos_token_id")) if i not in eos]
             bos = config.bos_token_id if config.bos_token_id is not None else gen.get("bos_token_id")
@@ -234,7 +221,7 @@ def _safetensors_files(folder: Path) -> dict[str, Path]:
     """Map each tensor name to the safetensors file that holds it."""
     index = folder / _SAFETENSORS_INDEX
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelError(f"{index} has no weight_map; the index file is corrupt")
         return {name: folder / file for name, file in weight_map.items()}
