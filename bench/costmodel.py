@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.table import Table
 
 from ..compile.config import ModelConfig, ModelError
@@ -57,6 +58,9 @@ class Hardware:
 
     ``peak_flops`` is the dense (non-sparse) tensor-core rate of the dtype used; ``overhead_s`` is a fixed
     cost per forward step (kernel launches, synchronisation, all-reduces), not divided among devices.
+    ``attention_flops`` is the rate of the attention FLOPs when it differs from ``peak_flops`` (a calibrated
+    machine whose attention kernel runs at another rate than its matmuls). ``overlap``: memory traffic and
+    compute overlap (the roofline's ``max``); a calibrated CPU adds them instead.
     """
 
     name: str
@@ -64,12 +68,20 @@ class Hardware:
     peak_flops: float  # FLOP/s, one device
     devices: int = 1
     overhead_s: float = 0.0
+    attention_flops: float | None = None  # FLOP/s of attention, one device (None: peak_flops)
+    overlap: bool = True
 
     def __post_init__(self) -> None:
-        if self.bandwidth <= 0 or self.peak_flops <= 0 or self.devices < 1 or self.overhead_s < 0:
+        rates = (self.bandwidth, self.peak_flops, self.attention_rate)
+        if min(rates) <= 0 or self.devices < 1 or self.overhead_s < 0:
             raise CostModelError(
                 f"hardware {self.name!r} needs positive bandwidth and FLOP/s, devices >= 1 and overhead >= 0"
             )
+
+    @property
+    def attention_rate(self) -> float:
+        """FLOP/s of attention, one device."""
+        return self.peak_flops if self.attention_flops is None else self.attention_flops
 
     @property
     def ridge(self) -> float:
@@ -237,17 +249,44 @@ def _check_positive(**values: int) -> None:
             raise CostModelError(f"{name} must be at least 1, got {v}")
 
 
-def step_time(hw: Hardware, nbytes: float, flops: float) -> float:
-    """``max(bytes / (n * bandwidth), flops / (n * peak)) + overhead`` for ``n = hw.devices``."""
+def step_time(hw: Hardware, nbytes: float, flops: float, attention_flops: float = 0.0) -> float:
+    """``max(bytes / (n * bandwidth), flops / (n * peak)) + overhead`` for ``n = hw.devices``.
+
+    ``flops`` are the matmul FLOPs and ``attention_flops`` those of attention (at ``hw.attention_rate``).
+    Without ``hw.overlap`` the memory and compute times are added instead of taking their maximum.
+    """
     n = hw.devices
-    return max(nbytes / (n * hw.bandwidth), flops / (n * hw.peak_flops)) + hw.overhead_s
+    memory = nbytes / (n * hw.bandwidth)
+    compute = flops / (n * hw.peak_flops) + attention_flops / (n * hw.attention_rate)
+    return (max(memory, compute) if hw.overlap else memory + compute) + hw.overhead_s
+
+
+@dataclasses.dataclass(frozen=True)
+class StepWork:
+    """What one forward step does: bytes read, matmul FLOPs and attention FLOPs."""
+
+    nbytes: float
+    matmul_flops: float
+    attention_flops: float
+
+
+def step_work(model: ModelSpec | ModelConfig, batch: int, kv_len: int, tokens: int) -> StepWork:
+    """One forward of ``tokens`` new tokens for each of ``batch`` sequences that attend to ``kv_len``.
+
+    ``bytes = W + B * KV(kv_len)``, ``matmul = B * tokens * 2 * P`` and
+    ``attention = B * tokens * 4 * layers * heads * head_dim * kv_len``.
+    """
+    m = as_spec(model)
+    return StepWork(
+        m.weight_bytes + batch * m.kv_bytes_per_token * kv_len,
+        batch * tokens * FLOPS_PER_MAC * m.step_param_count,
+        batch * tokens * m.attention_flops_per_entry * kv_len,
+    )
 
 
 def _forward_time(m: ModelSpec, hw: Hardware, batch: int, kv_len: int, tokens: int) -> float:
-    """One forward of ``tokens`` new tokens for each of ``batch`` sequences that attend to ``kv_len``."""
-    nbytes = m.weight_bytes + batch * m.kv_bytes_per_token * kv_len
-    flops = batch * tokens * (FLOPS_PER_MAC * m.step_param_count + m.attention_flops_per_entry * kv_len)
-    return step_time(hw, nbytes, flops)
+    w = step_work(m, batch, kv_len, tokens)
+    return step_time(hw, w.nbytes, w.matmul_flops, w.attention_flops)
 
 
 def t_target(model: ModelSpec | ModelConfig, hw: Hardware, batch: int, context: int) -> float:
@@ -296,6 +335,72 @@ def t_draft(
         _check_positive(batch=batch, context=context)
         kv_len = context
     return _forward_time(m, hw, batch, kv_len, 1)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Calibration: effective rates fitted to measured steps
+
+PHASES = ("target", "draft", "verify")
+NEGLIGIBLE_SHARE = 1e-9  # a fitted term below this share of every step's time is no term at all
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSample:
+    """One measured forward step: ``batch`` sequences, ``tokens`` new tokens each, ``kv_len`` KV entries
+    read by each (the context for target and verify, the budget for a compressed draft)."""
+
+    phase: str  # one of PHASES
+    batch: int
+    kv_len: int
+    tokens: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def fit_hardware(model: ModelSpec | ModelConfig, samples: Sequence[StepSample], name: str) -> Hardware:
+    """The machine as the model sees it: effective bandwidth, matmul and attention FLOP/s, and overhead.
+
+    Fits ``T = overhead + bytes / bandwidth + matmul_flops / peak + attention_flops / attention_rate``
+    (no overlap, as measured on CPUs) by non-negative least squares on relative error, so every sample
+    counts alike whatever its size. A term the samples cannot resolve (its coefficient fits to zero) gets an
+    infinite rate.
+    """
+    from scipy.optimize import nnls
+
+    if len(samples) < 4:
+        raise CostModelError(f"calibration needs at least 4 measured steps, got {len(samples)}")
+    rows, target = [], []
+    for s in samples:
+        if s.seconds <= 0:
+            raise CostModelError(f"measured step time must be positive, got {s.seconds}")
+        w = step_work(model, s.batch, s.kv_len, s.tokens)
+        rows.append([1.0, w.nbytes, w.matmul_flops, w.attention_flops])
+        target.append(s.seconds)
+    a = np.asarray(rows) / np.asarray(target)[:, None]
+    scale = a.max(axis=0)  # columns of order one for a well-conditioned fit
+    scale[scale == 0] = 1.0
+    coef, _ = nnls(a / scale, np.ones(len(samples)))
+    coef[coef < NEGLIGIBLE_SHARE] = 0.0  # in scaled units: a term worth less than this share of any step
+    overhead, per_byte, per_flop, per_attention_flop = (float(c) for c in coef / scale)
+
+    def rate(per_unit: float) -> float:
+        return 1.0 / per_unit if per_unit > 0 else math.inf
+
+    return Hardware(
+        name,
+        rate(per_byte),
+        rate(per_flop),
+        overhead_s=float(overhead),
+        attention_flops=rate(per_attention_flop),
+        overlap=False,
+    )
+
+
+def predict_sample(model: ModelSpec | ModelConfig, hw: Hardware, sample: StepSample) -> float:
+    """The model's time for the step of ``sample`` (its measured seconds are ignored)."""
+    return _forward_time(as_spec(model), hw, sample.batch, sample.kv_len, sample.tokens)
 
 
 # ------------------------------------------------------------------------------------------------------

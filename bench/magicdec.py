@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..compile.attention import PAGE_SIZE
-from ..runtime.engine import Engine
+from ..runtime.engine import Engine, ModelRunner
 from ..runtime.views import CompressedView, DraftSettings, pack_views
 
 SYNTHETIC_SEQ_BASE = 1 << 30  # sequence ids for synthetic timing sequences (never clash with real ones)
@@ -77,13 +77,17 @@ def synthetic_view(settings: DraftSettings, context: int, layers: int, heads: in
     return CompressedView(static, settings.window, candidates)
 
 
-def step_costs(engine: Engine, batch: int, context: int, cfg: BenchConfig) -> dict:
-    """``T_AR``, ``T_D`` per (draft, budget) and ``T_V`` per gamma at one (batch, context), in seconds."""
-    runner, model = engine.target, engine.config
+def step_costs(runner: ModelRunner, batch: int, context: int, cfg: BenchConfig) -> dict:
+    """``T_AR``, ``T_D`` per (draft, budget) and ``T_V`` per gamma at one (batch, context), in seconds.
+
+    The runner's pool is overwritten with zeros: give it one that holds no sequence (the engine's own
+    target before any prefill, or a fresh ``ModelRunner``).
+    """
+    model = runner.cfg
     gmax = max(cfg.gammas)
     ids = [SYNTHETIC_SEQ_BASE + i for i in range(batch)]
     pages = runner.ensure_pool(batch * -(-(context + gmax + 1) // PAGE_SIZE))
-    runner.pool_tensor.copyfrom(np.zeros(runner.pool_tensor.shape, dtype=engine.artifact.dtype))
+    runner.pool_tensor.copyfrom(np.zeros(runner.pool_tensor.shape, dtype=runner.artifact.dtype))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model.vocab_size, size=batch * (gmax + 1))
     for s in ids:
@@ -172,7 +176,7 @@ def run(engine: Engine, texts: list[str], cfg: BenchConfig, progress: Callable[[
         )
         for batch in cfg.batches:
             progress(f"step costs at batch {batch}, context {context}")
-            costs = step_costs(engine, batch, context, cfg)
+            costs = step_costs(engine.target, batch, context, cfg)
             results["cells"].append(
                 {
                     "batch": batch,

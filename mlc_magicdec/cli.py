@@ -57,6 +57,15 @@ def _csv_ints(_ctx, _param, value: str | None) -> list[int] | None:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
+def _int_or_auto(_ctx, _param, value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected an integer or 'auto', got {value!r}") from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mlc-magicdec")
 def main() -> None:
@@ -184,9 +193,19 @@ def _generation_options(fn):
     help="How the draft compresses the KV cache.",
 )
 @click.option(
-    "--budget", type=int, default=None, help="KV entries the draft attends to (default: artifact's)."
+    "--budget",
+    callback=_int_or_auto,
+    default=None,
+    help="KV entries the draft attends to (default: the artifact's), or 'auto' to choose per round.",
 )
-@click.option("--gamma", type=int, default=3, show_default=True, help="Draft tokens per verification.")
+@click.option(
+    "--gamma",
+    callback=_int_or_auto,
+    default="3",
+    show_default=True,
+    help="Draft tokens per verification, or 'auto' to choose per round (and decode plainly where "
+    "speculation would not pay).",
+)
 @click.option(
     "--draft-model",
     type=click.Path(path_type=Path),
@@ -205,8 +224,8 @@ def generate_cmd(
     seed: int | None,
     speculate: bool,
     draft: str,
-    budget: int | None,
-    gamma: int,
+    budget: int | str | None,
+    gamma: int | str,
     draft_model: Path | None,
     threads: int | None,
 ) -> None:
@@ -269,6 +288,14 @@ def _print_stats(results) -> None:
         str(new),
         f"{decode_tokens / s.decode_seconds:.1f}" if s.decode_seconds else "-",
     ]
+    if s.auto_choices:
+        gammas = sorted({g for _, g, _ in s.auto_choices if g})
+        columns += ["auto: plain steps", "spec rounds", "gammas"]
+        row += [
+            str(sum(g == 0 for _, g, _ in s.auto_choices)),
+            str(sum(g > 0 for _, g, _ in s.auto_choices)),
+            ",".join(map(str, gammas)) or "-",
+        ]
     if s.verify_steps:
         columns += ["T_D ms", "T_V ms", "acceptance", "mean accepted"]
         lengths = [n for r in results for n in r.accepted_lengths]
@@ -454,9 +481,28 @@ def demo_cmd(max_new_tokens: int) -> None:
 @click.option(
     "--model",
     "model_spec",
-    required=True,
+    default=None,
     help="Artifact folder, HF config.json (or its folder), or a built-in: llama-3.1-8b, llama-3.2-1b.",
 )
+@click.option(
+    "--calibrate",
+    "calibrate_artifact",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Time steps of this artifact here, fit this machine's rates, and plan with them (and cache them "
+    "for gamma='auto').",
+)
+@click.option(
+    "--against",
+    "grid_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --calibrate: a MagicDec bench grid (bench --json) to report the prediction error against.",
+)
+@click.option(
+    "--quick", is_flag=True, help="With --calibrate: the few-second design that gamma='auto' runs itself."
+)
+@click.option("--threads", type=int, default=None, help="With --calibrate: CPU threads (default: all).")
 @click.option(
     "--hardware",
     default="rtx4090",
@@ -527,7 +573,11 @@ def demo_cmd(max_new_tokens: int) -> None:
 )
 @_one_line_errors
 def plan_cmd(
-    model_spec: str,
+    model_spec: str | None,
+    calibrate_artifact: Path | None,
+    grid_path: Path | None,
+    quick: bool,
+    threads: int | None,
     hardware: str,
     batches: list[int],
     contexts: list[int],
@@ -548,7 +598,18 @@ def plan_cmd(
     from .bench import costmodel as cm
 
     us = 1e-6
-    hw = dataclasses.replace(cm.parse_hardware(hardware), overhead_s=overhead_us * us)
+    report: dict = {}
+    if calibrate_artifact is not None:
+        if model_spec is not None:
+            raise UserError("--calibrate plans for the artifact it times; leave out --model")
+        model_spec = str(calibrate_artifact)
+        hw = _calibrate(calibrate_artifact, grid_path, quick, threads, report, quiet=as_json)
+    elif grid_path is not None or quick or threads is not None:
+        raise UserError("--against, --quick and --threads go with --calibrate ARTIFACT")
+    elif model_spec is None:
+        raise UserError("give --model (or --calibrate ARTIFACT)")
+    else:
+        hw = dataclasses.replace(cm.parse_hardware(hardware), overhead_s=overhead_us * us)
     model = cm.load_model(model_spec, dtype)
     alpha = cm.parse_alpha(alpha_text)
     draft = cm.Draft(cm.load_model(draft_model, dtype) if draft_model else None, draft_kv == "compressed")
@@ -556,11 +617,67 @@ def plan_cmd(
         raise UserError("--batch, --context, --gamma and --budget need at least one value each")
     plans = [cm.best_plan(model, hw, b, c, alpha, budgets, gammas, draft) for b in batches for c in contexts]
     if as_json:
-        click.echo(json.dumps(cm.plans_to_dict(model, hw, draft, alpha, plans), indent=2))
+        click.echo(json.dumps({**report, **cm.plans_to_dict(model, hw, draft, alpha, plans)}, indent=2))
     else:
         out.print(cm.plans_table(model, hw, draft, plans))
     if plot_path:
         cm.plot_plans(model, hw, draft, alpha, plans, budgets, gammas, plot_path)
+
+
+def _calibrate(
+    artifact: Path, grid_path: Path | None, quick: bool, threads: int | None, report: dict, quiet: bool
+):
+    """``plan --calibrate``: time, fit, cache; with a grid, its prediction error and acceptance curve."""
+    import dataclasses
+    import json
+
+    from .bench import calibrate as cal
+    from .bench import costmodel as cm
+    from .runtime.engine import Engine
+
+    grid = None
+    if grid_path is not None:
+        try:
+            grid = json.loads(grid_path.read_text())
+            grid["cells"], grid["acceptance"]  # noqa: B018 - the keys a grid must have
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(
+                f"{grid_path} is not a bench grid from 'mlc-magicdec bench --json' ({e})"
+            ) from None
+    engine = Engine(artifact, threads=threads)
+    design = cal.QUICK_DESIGN if quick else cal.FULL_DESIGN
+    with console.status("timing steps") as status:
+        calibration = cal.calibrate(engine, design, progress=lambda m: status.update(m))
+    model = cal.model_spec(engine)
+    fitted = [
+        cal.Prediction(
+            s.phase,
+            s.batch,
+            s.kv_len,
+            f"{s.tokens} token(s)",
+            s.seconds,
+            cm.predict_sample(model, calibration.hardware, s),
+        )
+        for s in calibration.samples
+    ]
+    report["calibration"] = calibration.to_dict()
+    report["fit_error"] = cal.error_summary(fitted)
+    if not quiet:
+        out.print(cal.calibration_table(calibration))
+        out.print(cal.errors_table(fitted, "Fit: the measured steps and the calibrated model"))
+    if grid is not None:
+        draft = grid["cells"][0]["draft"]
+        calibration = dataclasses.replace(calibration, acceptance=cal.grid_acceptance(grid, draft))
+        cal.save(calibration)
+        predictions = cal.prediction_errors(model, calibration.hardware, grid)
+        summary = cal.error_summary(predictions)
+        report["prediction_error"] = summary
+        report["predictions"] = [dataclasses.asdict(p) | {"error": p.error} for p in predictions]
+        report["calibration"] = calibration.to_dict()
+        if not quiet:
+            out.print(cal.errors_table(predictions, f"Prediction against the measured grid {grid_path}"))
+            out.print("median absolute error: " + ", ".join(f"{q} {e:.1%}" for q, e in summary.items()))
+    return calibration.hardware
 
 
 if __name__ == "__main__":

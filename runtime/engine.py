@@ -13,6 +13,16 @@ import tvm
 from ..compile.attention import PAGE_SIZE, QUERY_TILE
 from ..errors import UserError
 from .artifact import Artifact, ArtifactError
+from .autospec import (
+    AUTO,
+    AUTO_BUDGETS,
+    AUTO_MAX_GAMMA,
+    Acceptance,
+    AutoPolicy,
+    StepCosts,
+    measured_curve,
+    prior_curve,
+)
 from .kv import KVPoolExhausted, PagePool
 from .sampling import SamplingParams, probs_from_logits, sample, verify_greedy, verify_rejection
 from .threads import configure_threads
@@ -40,6 +50,8 @@ class GenerationStats:
     verify_steps: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    # automatic speculation: (batch, gamma, budget) of each round, gamma 0 for a plain step
+    auto_choices: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float:
@@ -77,6 +89,7 @@ class _Request:
     draft: DraftSettings | None = None
     view: CompressedView | None = None
     draft_len: int = 0  # positions with KV the drafter can read (its own pool, or the target's)
+    acceptance: Acceptance | None = None  # running acceptance estimate (automatic speculation)
 
     @property
     def done(self) -> bool:
@@ -367,23 +380,26 @@ class Engine:
                 break
         return kept
 
-    def _decode_plain(self, requests: list[_Request], stats: GenerationStats, stop_at_eos: bool) -> None:
+    def _plain_step(self, active: list[_Request], stats: GenerationStats, stop_at_eos: bool) -> None:
+        """One target decode step for every active sequence."""
         runner = self.target
-        while True:
-            active = [r for r in requests if not r.done]
-            if not active:
-                return
-            positions = np.array([len(r.tokens) - 1 for r in active])
-            tokens = np.array([r.tokens[-1] for r in active])
-            t0 = time.perf_counter()
-            logits = runner.forward(
-                "decode", tokens, np.arange(len(active)), positions, [r.seq_id for r in active]
-            )
-            stats.decode_seconds += time.perf_counter() - t0
-            stats.decode_steps += 1
-            for r, tok, p in zip(active, self._choose(active, logits), positions):
-                runner.pages.set_length(r.seq_id, int(p) + 1)
-                self._append(r, [tok], stop_at_eos)
+        positions = np.array([len(r.tokens) - 1 for r in active])
+        tokens = np.array([r.tokens[-1] for r in active])
+        t0 = time.perf_counter()
+        logits = runner.forward(
+            "decode", tokens, np.arange(len(active)), positions, [r.seq_id for r in active]
+        )
+        stats.decode_seconds += time.perf_counter() - t0
+        stats.decode_steps += 1
+        for r, tok, p in zip(active, self._choose(active, logits), positions):
+            runner.pages.set_length(r.seq_id, int(p) + 1)
+            if self.drafter is runner:
+                r.draft_len = int(p) + 1
+            self._append(r, [tok], stop_at_eos)
+
+    def _decode_plain(self, requests: list[_Request], stats: GenerationStats, stop_at_eos: bool) -> None:
+        while active := [r for r in requests if not r.done]:
+            self._plain_step(active, stats, stop_at_eos)
 
     # ---------------------------------------------------------------------------------------------
     # Speculative decoding (MagicDec): self-speculation through a compressed KV view
@@ -483,52 +499,126 @@ class Engine:
             current, rows, positions = tokens[:, i], np.arange(batch), committed + i + 1
         return tokens, q
 
+    def _speculative_round(
+        self,
+        active: list[_Request],
+        stats: GenerationStats,
+        stop_at_eos: bool,
+        gamma: int,
+        static_pos: np.ndarray,
+        static_len: np.ndarray,
+    ) -> tuple[float, float]:
+        """Draft ``gamma`` tokens per active sequence, verify them in one target pass, keep the accepted.
+
+        Returns the seconds spent drafting and verifying.
+        """
+        runner = self.target
+        committed = np.array([len(r.tokens) - 1 for r in active])  # KV is committed up to the pending token
+        t0 = time.perf_counter()
+        drafted, q = self._draft_round(active, committed, gamma, static_pos, static_len)
+        t1 = time.perf_counter()
+        verify_tokens = np.concatenate([[r.tokens[-1], *d] for r, d in zip(active, drafted)])
+        seq_rows = np.repeat(np.arange(len(active)), gamma + 1)
+        positions = (committed[:, None] + np.arange(gamma + 1)).reshape(-1)
+        logits = runner.forward("verify", verify_tokens, seq_rows, positions, [r.seq_id for r in active])
+        logits = logits.reshape(len(active), gamma + 1, -1)
+        t2 = time.perf_counter()
+        stats.draft_seconds += t1 - t0
+        stats.verify_seconds += t2 - t1
+        stats.draft_steps += gamma
+        stats.verify_steps += 1
+        stats.decode_seconds += t2 - t0
+        stats.decode_steps += 1
+        for b, r in enumerate(active):
+            if r.params.greedy:
+                n_acc, nxt = verify_greedy(drafted[b], np.argmax(logits[b], axis=-1))
+            else:
+                p = probs_from_logits(logits[b], r.params.temperature, r.params.top_p)
+                n_acc, nxt = verify_rejection(drafted[b], q[b], p, r.rng)
+            kept = self._append(r, [*drafted[b][:n_acc], nxt], stop_at_eos)
+            runner.pages.set_length(r.seq_id, int(committed[b]) + kept)
+            # The drafter's own KV is valid for the tokens it drafted from that were accepted.
+            if self.drafter is runner:
+                r.draft_len = int(committed[b]) + kept
+            else:
+                r.draft_len = int(committed[b]) + min(gamma, n_acc + 1)
+                self.drafter.pages.set_length(r.seq_id, r.draft_len)
+            r.accepted_lengths.append(n_acc + 1)
+            if r.acceptance is not None:
+                r.acceptance.observe(n_acc, gamma)
+            stats.drafted_tokens += gamma
+            stats.accepted_tokens += n_acc
+        return t1 - t0, t2 - t1
+
     def _decode_speculative(
         self, requests: list[_Request], stats: GenerationStats, stop_at_eos: bool, gamma: int
     ) -> None:
-        runner = self.target
         static_all, len_all = pack_views([r.view for r in requests])
         row_of = {r.seq_id: i for i, r in enumerate(requests)}
-        while True:
-            active = [r for r in requests if not r.done]
-            if not active:
-                return
+        while active := [r for r in requests if not r.done]:
             rows = [row_of[r.seq_id] for r in active]
-            committed = np.array(
-                [len(r.tokens) - 1 for r in active]
-            )  # KV is committed up to the pending token
-            t0 = time.perf_counter()
-            drafted, q = self._draft_round(active, committed, gamma, static_all[rows], len_all[rows])
-            t1 = time.perf_counter()
-            verify_tokens = np.concatenate([[r.tokens[-1], *d] for r, d in zip(active, drafted)])
-            seq_rows = np.repeat(np.arange(len(active)), gamma + 1)
-            positions = (committed[:, None] + np.arange(gamma + 1)).reshape(-1)
-            logits = runner.forward("verify", verify_tokens, seq_rows, positions, [r.seq_id for r in active])
-            logits = logits.reshape(len(active), gamma + 1, -1)
-            t2 = time.perf_counter()
-            stats.draft_seconds += t1 - t0
-            stats.verify_seconds += t2 - t1
-            stats.draft_steps += gamma
-            stats.verify_steps += 1
-            stats.decode_seconds += t2 - t0
-            stats.decode_steps += 1
-            for b, r in enumerate(active):
-                if r.params.greedy:
-                    n_acc, nxt = verify_greedy(drafted[b], np.argmax(logits[b], axis=-1))
-                else:
-                    p = probs_from_logits(logits[b], r.params.temperature, r.params.top_p)
-                    n_acc, nxt = verify_rejection(drafted[b], q[b], p, r.rng)
-                kept = self._append(r, [*drafted[b][:n_acc], nxt], stop_at_eos)
-                runner.pages.set_length(r.seq_id, int(committed[b]) + kept)
-                # The drafter's own KV is valid for the tokens it drafted from that were accepted.
-                if self.drafter is runner:
-                    r.draft_len = int(committed[b]) + kept
-                else:
-                    r.draft_len = int(committed[b]) + min(gamma, n_acc + 1)
-                    self.drafter.pages.set_length(r.seq_id, r.draft_len)
-                r.accepted_lengths.append(n_acc + 1)
-                stats.drafted_tokens += gamma
-                stats.accepted_tokens += n_acc
+            self._speculative_round(active, stats, stop_at_eos, gamma, static_all[rows], len_all[rows])
+
+    def _decode_auto(
+        self,
+        requests: list[_Request],
+        batch: PrefilledBatch,
+        stats: GenerationStats,
+        stop_at_eos: bool,
+        policy: AutoPolicy,
+    ) -> None:
+        """Each round, the policy's choice: a plain step, or speculation at its gamma and budget."""
+        row_of = {r.seq_id: i for i, r in enumerate(requests)}
+        packed_budget, static_all, len_all = None, None, None
+        while active := [r for r in requests if not r.done]:
+            contexts = [len(r.tokens) for r in active]
+            choice = policy.choose(contexts, [r.acceptance for r in active])
+            stats.auto_choices.append((len(active), choice.gamma, choice.budget))
+            if choice.gamma == 0:
+                t0 = time.perf_counter()
+                self._plain_step(active, stats, stop_at_eos)
+                predicted = policy.costs.target(len(active), round(np.mean(contexts)))
+                policy.costs.observe("target", predicted, time.perf_counter() - t0)
+                continue
+            if choice.budget != packed_budget:
+                for r in requests:
+                    r.draft = dataclasses.replace(r.draft, budget=choice.budget)
+                    r.acceptance.move_to(choice.budget)
+                self._build_views(self.drafter, requests, batch)
+                static_all, len_all = pack_views([r.view for r in requests])
+                packed_budget = choice.budget
+            rows = [row_of[r.seq_id] for r in active]
+            context = round(np.mean(contexts))
+            t_draft, t_verify = self._speculative_round(
+                active, stats, stop_at_eos, choice.gamma, static_all[rows], len_all[rows]
+            )
+            costs, n = policy.costs, len(active)
+            costs.observe("draft", choice.gamma * costs.draft_step(n, choice.budget, context), t_draft)
+            costs.observe("verify", costs.verify(n, context, choice.gamma), t_verify)
+
+    def auto_policy(self, batch: PrefilledBatch, gamma, budget) -> AutoPolicy:
+        """The automatic policy for ``batch``: calibrated step costs, candidate gammas and budgets."""
+        from ..bench import calibrate
+        from ..bench import costmodel as cm
+
+        calibration = calibrate.load_or_calibrate(self)
+        draft = cm.SELF_DRAFT
+        if self.drafter is not self.target:
+            a = self.drafter.artifact
+            draft = cm.Draft(cm.ModelSpec(a.model, cm.DTYPE_BYTES[a.dtype], a.path.name))
+        costs = StepCosts(calibrate.model_spec(self), calibration.hardware, draft)
+        gammas = range(1, min(batch.max_gamma, AUTO_MAX_GAMMA) + 1)
+        budgets = [k for k in AUTO_BUDGETS if k < self.config.context_window // 2]
+        return AutoPolicy(
+            costs,
+            gammas,
+            budgets,
+            fixed_gamma=None if gamma == AUTO else gamma,
+            fixed_budget=None if budget == AUTO else budget,
+            acceptance_curve=measured_curve(calibration.acceptance)
+            if calibration.acceptance
+            else prior_curve,
+        )
 
     # ---------------------------------------------------------------------------------------------
     # API
@@ -589,8 +679,8 @@ class Engine:
         stop_at_eos: bool = True,
         speculate: bool = False,
         draft: str = "snapkv",
-        budget: int | Sequence[int] | None = None,
-        gamma: int = DEFAULT_GAMMA,
+        budget: int | Sequence[int] | str | None = None,
+        gamma: int | str = DEFAULT_GAMMA,
         draft_settings: DraftSettings | Sequence[DraftSettings] | None = None,
     ) -> list[GenerationResult]:
         """Generate from a prefilled batch (see ``generate`` for the arguments)."""
@@ -605,6 +695,15 @@ class Engine:
             r.draft_len = len(r.prompt)
             for runner in self.runners:
                 runner.pages.set_length(r.seq_id, len(r.prompt))
+        auto = speculate and AUTO in (gamma, budget)
+        if auto:
+            if draft_settings is not None:
+                raise RequestError(
+                    "draft_settings fix the budget; use budget='auto' or draft_settings, not both"
+                )
+            policy = self.auto_policy(batch, gamma, budget)
+            gamma = policy.gammas[-1] if gamma == AUTO else gamma
+            budget = policy.budgets[0] if budget == AUTO else budget
         if speculate:
             self._attach_drafts(requests, draft, budget, gamma, draft_settings)
             if gamma > batch.max_gamma:
@@ -617,7 +716,12 @@ class Engine:
             stats.prefill_seconds += time.perf_counter() - t0
         for r, tok in zip(requests, self._choose(requests, batch.logits)):
             self._append(r, [tok], stop_at_eos)
-        if speculate:
+        if auto:
+            curve = policy.acceptance_curve
+            for r in requests:
+                r.acceptance = Acceptance(curve, r.draft.budget)
+            self._decode_auto(requests, batch, stats, stop_at_eos, policy)
+        elif speculate:
             self._decode_speculative(requests, stats, stop_at_eos, gamma)
         else:
             self._decode_plain(requests, stats, stop_at_eos)
@@ -648,10 +752,15 @@ class Engine:
         view of the KV (``draft``: "snapkv" or "streamingllm", ``budget`` KV entries, one value or one per
         prompt; ``draft_settings`` gives full control), and one target pass verifies them. Greedy output is
         identical to plain decoding, and sampling keeps the target's distribution (rejection sampling).
+        ``gamma="auto"`` and/or ``budget="auto"`` choose them each round from calibrated step costs and the
+        running acceptance of each sequence, and decode plainly where speculation would not pay
+        (``runtime/autospec.py``).
         """
         speculate = decode_args.get("speculate", False)
         max_gamma = decode_args.get("gamma", DEFAULT_GAMMA) if speculate else 0
-        if not isinstance(max_gamma, (int, np.integer)) or not 0 <= max_gamma <= MAX_GAMMA:
+        if max_gamma == AUTO:
+            max_gamma = AUTO_MAX_GAMMA
+        elif not isinstance(max_gamma, (int, np.integer)) or not 0 <= max_gamma <= MAX_GAMMA:
             max_gamma = MAX_GAMMA  # decode reports the bad gamma
         with self.prefill(prompts, max_new_tokens=max_new_tokens, max_gamma=max_gamma) as batch:
             return self.decode(batch, **decode_args)

@@ -156,3 +156,47 @@ def check_speculation_stats(results, gamma: int) -> None:
     assert (lengths < gamma + 1).any()
     assert stats.draft_seconds > 0 and stats.verify_seconds > 0
     assert stats.decode_seconds >= stats.draft_seconds + stats.verify_seconds - 1e-6
+
+
+# ------------------------------------------------------------------------------------------------------
+# gamma="auto", budget="auto": forced machines on which speculation surely pays or surely loses, and the
+# real calibration of this machine. Whatever the policy chooses, greedy output must not change.
+
+SPECULATION_PAYS = dict(bandwidth=1e9, peak_flops=1e15, attention_flops=1e15)  # all time is memory: the
+# draft reads the weights and a budget of KV, the target the whole KV
+SPECULATION_LOSES = dict(bandwidth=1e15, peak_flops=1e9, attention_flops=1e15)  # all time is matmuls: a
+# draft step costs a target step and a verify (gamma + 1) of them
+
+
+def forced_calibration(monkeypatch, name: str, rates: dict) -> None:
+    from mlc_magicdec.bench import calibrate as cal
+    from mlc_magicdec.bench import costmodel as cm
+
+    hw = cm.Hardware(name, overlap=False, **rates)
+    monkeypatch.setattr(cal, "load_or_calibrate", lambda engine: cal.Calibration(name, hw, ()))
+
+
+@pytest.mark.parametrize("machine", ["pays", "loses", "calibrated"])
+def test_auto_speculation_is_lossless(engine, prefilled, machine, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLC_MAGICDEC_HOME", str(tmp_path))  # the real calibration runs afresh
+    if machine != "calibrated":
+        forced_calibration(monkeypatch, machine, SPECULATION_PAYS if machine == "pays" else SPECULATION_LOSES)
+    batch, plain = prefilled("b8")  # the batch the cases above hold last: no second prefill
+    results = engine.decode(batch, stop_at_eos=False, speculate=True, draft="snapkv", gamma="auto",
+                            budget="auto")
+    for i, (s, p) in enumerate(zip(results, plain)):
+        at = first_difference(s.token_ids, p.token_ids)
+        assert s.token_ids == p.token_ids, f"sequence {i} diverges at generated token {at} ({machine})"
+    stats = results[0].stats
+    choices = stats.auto_choices
+    assert len(choices) == stats.decode_steps
+    spec_rounds = [c for c in choices if c[1] > 0]
+    assert len(spec_rounds) == stats.verify_steps
+    assert stats.draft_steps == sum(g for _, g, _ in spec_rounds)
+    if machine == "pays":
+        assert len(spec_rounds) == len(choices), "speculation pays on this machine but was not used"
+        assert stats.accepted_tokens > 0
+        assert len({(g, k) for _, g, k in spec_rounds}) > 1, "the policy never adapted gamma or budget"
+    elif machine == "loses":
+        assert not spec_rounds and stats.draft_steps == 0
+        assert stats.decode_steps == NEW_TOKENS - 1

@@ -1,0 +1,184 @@
+"""Automatic speculation: ``gamma="auto"`` and ``budget="auto"``.
+
+Before every round the policy predicts the batch's throughput for plain decoding and for each (gamma,
+budget) from
+
+- **step costs**: the cost model (``bench/costmodel.py``) with this machine's calibrated rates, each phase
+  corrected by a running ratio of measured to predicted time; and
+- **acceptance**: a running estimate of each sequence's acceptance rate ``alpha``.
+
+and picks the fastest::
+
+    plain       = B / T_T(B, L)
+    speculative = sum_i Omega(gamma, alpha_i(K)) / (gamma * T_D(B, K) + T_V(B, L, gamma))
+
+where ``L`` is the batch's mean context (the costs are linear in the KV read, so ``B * L`` is exact).
+Speculation turns off unless it is predicted to win by a margin, and back on when that changes
+(contexts grow, the batch shrinks as sequences finish, acceptance moves).
+
+Acceptance of one sequence is the maximum-likelihood rate of a geometric model: a round accepts drafts
+until the first rejection, so ``alpha = accepted / (accepted + rejections)`` (rounds that accept all their
+drafts add no rejection). A prior worth ``PRIOR_REJECTIONS`` rejections starts it, and old rounds fade by
+``FORGET`` a round. Across budgets, the rejection rate ``1 - alpha`` follows the prior curve's shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+from ..bench import costmodel as cm
+
+AUTO = "auto"
+AUTO_MAX_GAMMA = 8  # longest draft the automatic mode considers
+AUTO_BUDGETS = (128, 256, 512, 1024, 2048)  # draft budgets it considers (those the context allows)
+# Prior acceptance before a sequence has been seen: alpha = 0.85 at 256 KV entries, the rejection rate
+# falling by REJECTION_PER_DOUBLING for each doubling of the budget (SnapKV and StreamingLLM on SmolLM2 and
+# Austen prompts give 0.88-0.92 at 256-1024; see bench/results/acceptance_4k.txt). A calibration that
+# measured acceptance replaces it.
+PRIOR_ALPHA = 0.85
+PRIOR_BUDGET = 256
+REJECTION_PER_DOUBLING = 0.8
+PRIOR_REJECTIONS = 2.0  # weight of the prior, in rejection events
+FORGET = 0.97  # per round: how much of the acceptance evidence is kept
+COST_SMOOTHING = 0.3  # weight of the newest measured/predicted ratio
+SPECULATE_GAIN = 1.05  # speculation must be predicted this much faster than plain decoding
+SWITCH_GAIN = 1.03  # a new speculative setting must be predicted this much faster than the current one
+
+
+def prior_curve(budget: int) -> float:
+    """The prior ``alpha(K)``."""
+    doublings = math.log2(budget / PRIOR_BUDGET)
+    return 1.0 - (1.0 - PRIOR_ALPHA) * REJECTION_PER_DOUBLING**doublings
+
+
+def measured_curve(points: dict[int, float]) -> Callable[[int], float]:
+    """``alpha(K)`` through measured points; beyond them, the nearest point moved along the prior's shape."""
+    inside = cm.acceptance_curve(points)
+    lo, hi = min(points), max(points)
+
+    def alpha_at(budget: int) -> float:
+        if lo <= budget <= hi:
+            return inside(budget)
+        edge = lo if budget < lo else hi
+        scale = (1.0 - prior_curve(budget)) / (1.0 - prior_curve(edge))
+        return max(0.0, 1.0 - (1.0 - points[edge]) * scale)
+
+    return alpha_at
+
+
+@dataclasses.dataclass
+class Acceptance:
+    """One sequence's acceptance evidence at the budget it was drafted with."""
+
+    curve: Callable[[int], float]
+    budget: int
+    accepted: float = 0.0
+    rejections: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._seed(self.curve(self.budget), PRIOR_REJECTIONS)
+
+    def _seed(self, alpha: float, rejections: float) -> None:
+        alpha = min(max(alpha, 0.0), 1.0 - 1e-6)
+        self.rejections = rejections
+        self.accepted = rejections * alpha / (1.0 - alpha)
+
+    def observe(self, accepted: int, gamma: int) -> None:
+        """A round drafted ``gamma`` tokens and ``accepted`` of them were accepted."""
+        self.accepted = FORGET * self.accepted + accepted
+        self.rejections = FORGET * self.rejections + (accepted < gamma)
+
+    def alpha(self, budget: int | None = None) -> float:
+        """The estimated rate at ``budget`` (default: the current one)."""
+        here = self.accepted / (self.accepted + self.rejections)
+        if budget is None or budget == self.budget:
+            return here
+        scale = (1.0 - self.curve(budget)) / max(1.0 - self.curve(self.budget), 1e-9)
+        return max(0.0, 1.0 - (1.0 - here) * scale)
+
+    def move_to(self, budget: int) -> None:
+        """Carry the estimate over to drafting at ``budget``, with the same weight of evidence."""
+        if budget != self.budget:
+            alpha = self.alpha(budget)
+            self.budget = budget
+            self._seed(alpha, self.rejections)
+
+
+class StepCosts:
+    """Predicted step times: the cost model on calibrated rates, times a measured correction per phase."""
+
+    def __init__(self, model: cm.ModelSpec, hardware: cm.Hardware, draft: cm.Draft = cm.SELF_DRAFT):
+        self.model, self.hardware, self.draft = model, hardware, draft
+        self.correction = dict.fromkeys(cm.PHASES, 1.0)
+
+    def target(self, batch: int, context: int) -> float:
+        return self.correction["target"] * cm.t_target(self.model, self.hardware, batch, context)
+
+    def draft_step(self, batch: int, budget: int, context: int) -> float:
+        t = cm.t_draft(self.model, self.hardware, batch, budget, context, self.draft)
+        return self.correction["draft"] * t
+
+    def verify(self, batch: int, context: int, gamma: int) -> float:
+        return self.correction["verify"] * cm.t_verify(self.model, self.hardware, batch, context, gamma)
+
+    def observe(self, phase: str, predicted: float, measured: float) -> None:
+        """Fold a measured time into the phase's correction (``predicted`` includes the correction)."""
+        if predicted > 0 and measured > 0:
+            ratio = measured / predicted * self.correction[phase]
+            self.correction[phase] += COST_SMOOTHING * (ratio - self.correction[phase])
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """One round's setting: ``gamma == 0`` is a plain decode step. ``throughput`` is predicted tokens/s."""
+
+    gamma: int
+    budget: int
+    throughput: float
+
+
+class AutoPolicy:
+    """Chooses plain decoding or (gamma, budget) for each round of a batch."""
+
+    def __init__(
+        self,
+        costs: StepCosts,
+        gammas: Sequence[int],
+        budgets: Sequence[int],
+        fixed_gamma: int | None = None,
+        fixed_budget: int | None = None,
+        acceptance_curve: Callable[[int], float] = prior_curve,
+    ):
+        self.costs = costs
+        self.acceptance_curve = acceptance_curve
+        self.gammas = [fixed_gamma] if fixed_gamma else list(gammas)
+        self.budgets = [fixed_budget] if fixed_budget else list(budgets)
+        self.current: Choice | None = None
+
+    def candidates(self, contexts: Sequence[int], acceptance: Sequence[Acceptance]) -> list[Choice]:
+        """Predicted throughput of plain decoding and of every (gamma, budget)."""
+        batch = len(contexts)
+        context = max(1, round(sum(contexts) / batch))
+        out = [Choice(0, self.budgets[0], batch / self.costs.target(batch, context))]
+        for k in self.budgets:
+            t_d = self.costs.draft_step(batch, k, context)
+            alphas = [a.alpha(k) for a in acceptance]
+            for g in self.gammas:
+                tokens = sum(cm.omega(g, a) for a in alphas)
+                out.append(Choice(g, k, tokens / (g * t_d + self.costs.verify(batch, context, g))))
+        return out
+
+    def choose(self, contexts: Sequence[int], acceptance: Sequence[Acceptance]) -> Choice:
+        """The fastest setting. Speculation must beat plain decoding by ``SPECULATE_GAIN`` (the model's
+        errors must not make it lose), and a running speculative setting is kept unless another is
+        ``SWITCH_GAIN`` faster."""
+        plain, *options = self.candidates(contexts, acceptance)
+        best = max(options, key=lambda c: c.throughput)
+        key = None if self.current is None else (self.current.gamma, self.current.budget)
+        current = next((c for c in options if (c.gamma, c.budget) == key), None)
+        if current is not None and best.throughput < SWITCH_GAIN * current.throughput:
+            best = current
+        self.current = best if best.throughput >= SPECULATE_GAIN * plain.throughput else plain
+        return self.current

@@ -1,0 +1,213 @@
+"""Calibration fit, acceptance estimates and the automatic speculation policy, against hand computations
+and simulation (no compiled model needed)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mlc_magicdec.bench import calibrate as cal
+from mlc_magicdec.bench import costmodel as cm
+from mlc_magicdec.runtime import autospec as auto
+
+SMOLLM2 = cm.ModelSpec(
+    cm.ModelConfig(
+        family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+        num_heads=9, num_kv_heads=3, head_dim=64, context_window=8192, rope_theta=100000.0,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,),
+    ),
+    dtype_bytes=4,
+    name="smollm2",
+)
+CPU = cm.Hardware("cpu", 20e9, 120e9, overhead_s=2e-3, attention_flops=40e9, overlap=False)
+
+
+def design_samples(hw: cm.Hardware) -> list[cm.StepSample]:
+    out = []
+    for b in (1, 4, 16):
+        for ctx in (1024, 8192):
+            for phase, kv, tokens in (("target", ctx, 1), ("draft", 256, 1), ("verify", ctx, 5)):
+                s = cm.StepSample(phase, b, kv, tokens, 1.0)
+                out.append(cm.StepSample(phase, b, kv, tokens, cm.predict_sample(SMOLLM2, hw, s)))
+    return out
+
+
+def test_fit_recovers_the_rates_that_made_the_samples():
+    hw = cm.fit_hardware(SMOLLM2, design_samples(CPU), "fit")
+    assert hw.bandwidth == pytest.approx(CPU.bandwidth, rel=1e-6)
+    assert hw.peak_flops == pytest.approx(CPU.peak_flops, rel=1e-6)
+    assert hw.attention_rate == pytest.approx(CPU.attention_rate, rel=1e-6)
+    assert hw.overhead_s == pytest.approx(CPU.overhead_s, rel=1e-6)
+    assert not hw.overlap
+
+
+def test_fit_of_noisy_samples_predicts_within_the_noise():
+    rng = np.random.default_rng(0)
+    noisy = [
+        cm.StepSample(s.phase, s.batch, s.kv_len, s.tokens, s.seconds * rng.uniform(0.95, 1.05))
+        for s in design_samples(CPU)
+    ]
+    hw = cm.fit_hardware(SMOLLM2, noisy, "fit")
+    for s in design_samples(CPU):  # the noiseless truth
+        assert cm.predict_sample(SMOLLM2, hw, s) == pytest.approx(s.seconds, rel=0.06)
+
+
+def test_a_term_the_samples_cannot_see_gets_an_infinite_rate():
+    no_attention = cm.Hardware("cpu", 20e9, 120e9, overhead_s=1e-3, overlap=False, attention_flops=math.inf)
+    hw = cm.fit_hardware(SMOLLM2, design_samples(no_attention), "fit")
+    assert hw.attention_rate == math.inf
+    assert hw.bandwidth == pytest.approx(20e9, rel=1e-6)
+
+
+def test_fit_needs_enough_positive_samples():
+    with pytest.raises(cm.CostModelError, match="at least 4"):
+        cm.fit_hardware(SMOLLM2, design_samples(CPU)[:3], "fit")
+    bad = [cm.StepSample("target", 1, 100, 1, 0.0)] * 4
+    with pytest.raises(cm.CostModelError, match="positive"):
+        cm.fit_hardware(SMOLLM2, bad, "fit")
+
+
+def test_additive_step_time_by_hand():
+    hw = cm.Hardware("toy", bandwidth=100.0, peak_flops=10.0, overhead_s=1.0, attention_flops=5.0, overlap=False)
+    assert cm.step_time(hw, 200.0, 30.0, 10.0) == pytest.approx(1.0 + 2.0 + 3.0 + 2.0)
+    roofline = cm.Hardware("toy", bandwidth=100.0, peak_flops=10.0, overhead_s=1.0, attention_flops=5.0)
+    assert cm.step_time(roofline, 200.0, 30.0, 10.0) == pytest.approx(1.0 + max(2.0, 3.0 + 2.0))
+
+
+def test_calibration_round_trips_through_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLC_MAGICDEC_HOME", str(tmp_path))
+    inf_hw = cm.Hardware("c", 1e9, 1e10, overhead_s=1e-3, attention_flops=math.inf, overlap=False)
+    c = cal.Calibration("k1", inf_hw, tuple(design_samples(CPU)[:4]), {256: 0.8, 1024: 0.9})
+    cal.save(c)
+    assert cal.load("k1") == c
+    assert cal.load("missing") is None
+    cal.calibration_path("k2").write_text("{not json")
+    assert cal.load("k2") is None
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 6])
+@pytest.mark.parametrize("alpha", [0.3, 0.8, 0.97])
+def test_alpha_from_length_inverts_omega(gamma, alpha):
+    assert cal.alpha_from_length(gamma, cm.omega(gamma, alpha)) == pytest.approx(alpha, abs=1e-9)
+    assert cal.alpha_from_length(gamma, gamma + 1) == 1.0
+
+
+def test_prediction_errors_against_a_grid_made_by_the_model():
+    """A grid whose measurements are the model's own predictions has zero error everywhere."""
+    ctx, b, g, k = 4096, 8, 3, 256
+    length = cm.omega(g, 0.8)
+    t_ar = cm.t_target(SMOLLM2, CPU, b, ctx)
+    t_d = cm.t_draft(SMOLLM2, CPU, b, k, ctx)
+    t_v = {str(gg): cm.t_verify(SMOLLM2, CPU, b, ctx, gg) for gg in (1, 3)}
+    cell = {"batch": b, "context": ctx, "T_AR": t_ar, "T_D": {f"snapkv/{k}": t_d}, "T_V": t_v,
+            "draft": "snapkv", "budget": k, "gamma": g, "accepted_length": length,
+            "speedup": t_ar / cm.t_sd(g, t_d, t_v[str(g)], length)}
+    grid = {"cells": [cell], "acceptance": {str(ctx): {"accepted_length": {f"snapkv/{k}/{g}": length}}}}
+    preds = cal.prediction_errors(SMOLLM2, CPU, grid)
+    assert {p.quantity for p in preds} == {"T_AR", "T_D", "T_V", "speedup"}
+    assert max(abs(p.error) for p in preds) < 1e-12
+    assert cal.error_summary(preds)["all"] < 1e-12
+    assert cal.grid_acceptance(grid, "snapkv") == {k: pytest.approx(0.8)}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Acceptance estimates
+
+
+def test_acceptance_starts_at_the_prior_and_learns_a_geometric_rate():
+    a = auto.Acceptance(auto.prior_curve, 256)
+    assert a.alpha() == pytest.approx(auto.PRIOR_ALPHA)
+    rng = np.random.default_rng(1)
+    true_alpha, gamma = 0.55, 4
+    for _ in range(400):
+        accepted = 0
+        while accepted < gamma and rng.random() < true_alpha:
+            accepted += 1
+        a.observe(accepted, gamma)
+    assert a.alpha() == pytest.approx(true_alpha, abs=0.08)
+
+
+def test_acceptance_without_rejections_tends_to_one_and_moves_along_the_curve():
+    a = auto.Acceptance(auto.prior_curve, 256)
+    for _ in range(50):
+        a.observe(3, 3)
+    assert a.alpha() > 0.98
+    b = auto.Acceptance(auto.prior_curve, 256)
+    # doubling the budget scales the rejection rate by the prior's REJECTION_PER_DOUBLING
+    assert 1 - b.alpha(512) == pytest.approx((1 - auto.PRIOR_ALPHA) * auto.REJECTION_PER_DOUBLING)
+    b.move_to(512)
+    assert b.budget == 512 and b.alpha() == pytest.approx(auto.prior_curve(512))
+
+
+def test_measured_curve_interpolates_and_extends_along_the_prior():
+    curve = auto.measured_curve({256: 0.8, 1024: 0.9})
+    assert curve(256) == 0.8 and curve(1024) == 0.9
+    assert curve(512) == pytest.approx(0.85)
+    assert 1 - curve(2048) == pytest.approx(0.1 * auto.REJECTION_PER_DOUBLING)
+    assert 1 - curve(128) == pytest.approx(0.2 / auto.REJECTION_PER_DOUBLING)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The policy
+
+
+def policy(hw: cm.Hardware, **kw) -> auto.AutoPolicy:
+    return auto.AutoPolicy(auto.StepCosts(SMOLLM2, hw), range(1, 9), (128, 256, 512, 1024), **kw)
+
+
+def at_prior(n: int, budget: int = 128) -> list[auto.Acceptance]:
+    return [auto.Acceptance(auto.prior_curve, budget) for _ in range(n)]
+
+
+def test_the_choice_is_the_best_predicted_throughput():
+    p = policy(CPU)
+    contexts, acc = [8000, 6000, 7000, 8000], at_prior(4)
+    mean = round(sum(contexts) / 4)
+    best = max(
+        (sum(cm.omega(g, a.alpha(k)) for a in acc)
+         / (g * cm.t_draft(SMOLLM2, CPU, 4, k, mean) + cm.t_verify(SMOLLM2, CPU, 4, mean, g)), g, k)
+        for g in range(1, 9) for k in (128, 256, 512, 1024)
+    )
+    plain = 4 / cm.t_target(SMOLLM2, CPU, 4, mean)
+    assert best[0] > auto.SPECULATE_GAIN * plain  # long contexts: speculation pays here
+    choice = p.choose(contexts, acc)
+    assert (choice.throughput, choice.gamma, choice.budget) == pytest.approx(best)
+
+
+def test_speculation_is_off_where_it_does_not_pay_and_turns_on_as_contexts_grow():
+    """Short contexts on a bandwidth-rich machine: plain. The same batch at long contexts: speculation."""
+    p = policy(CPU)
+    acc = at_prior(1)
+    assert p.choose([300], acc).gamma == 0
+    on = [ctx for ctx in range(300, 8192, 64) if p.choose([ctx], acc).gamma > 0]
+    assert on and all(p.choose([ctx], acc).gamma > 0 for ctx in range(on[0] + 512, 8192, 512))
+    assert p.choose([300], acc).gamma == 0  # and off again
+
+
+def test_poor_acceptance_turns_speculation_off():
+    p = policy(CPU)
+    acc = at_prior(8)
+    assert p.choose([8000] * 8, acc).gamma > 0
+    for a in acc:
+        for _ in range(30):
+            a.observe(0, 3)
+    assert p.choose([8000] * 8, acc).gamma == 0
+
+
+def test_fixed_gamma_or_budget_is_respected():
+    p = policy(CPU, fixed_gamma=2)
+    c = p.choose([8000] * 4, at_prior(4))
+    assert c.gamma in (0, 2)
+    p = policy(CPU, fixed_budget=512)
+    assert p.choose([8000] * 4, at_prior(4, 512)).budget == 512
+
+
+def test_measured_costs_correct_the_prediction():
+    costs = auto.StepCosts(SMOLLM2, CPU)
+    predicted = costs.target(8, 4096)
+    for _ in range(40):
+        costs.observe("target", costs.target(8, 4096), 2 * predicted)
+    assert costs.target(8, 4096) == pytest.approx(2 * predicted, rel=1e-3)
+    assert costs.verify(8, 4096, 3) == pytest.approx(cm.t_verify(SMOLLM2, CPU, 8, 4096, 3))
