@@ -3,6 +3,7 @@ and simulation (no compiled model needed)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -70,9 +71,9 @@ def test_fit_needs_enough_positive_samples():
 
 
 def test_additive_step_time_by_hand():
-    hw = cm.Hardware("toy", bandwidth=100.0, peak_flops=10.0, overhead_s=1.0, attention_flops=5.0, overlap=False)
-    assert cm.step_time(hw, 200.0, 30.0, 10.0) == pytest.approx(1.0 + 2.0 + 3.0 + 2.0)
     roofline = cm.Hardware("toy", bandwidth=100.0, peak_flops=10.0, overhead_s=1.0, attention_flops=5.0)
+    hw = dataclasses.replace(roofline, overlap=False)
+    assert cm.step_time(hw, 200.0, 30.0, 10.0) == pytest.approx(1.0 + 2.0 + 3.0 + 2.0)
     assert cm.step_time(roofline, 200.0, 30.0, 10.0) == pytest.approx(1.0 + max(2.0, 3.0 + 2.0))
 
 
@@ -211,3 +212,50 @@ def test_measured_costs_correct_the_prediction():
         costs.observe("target", costs.target(8, 4096), 2 * predicted)
     assert costs.target(8, 4096) == pytest.approx(2 * predicted, rel=1e-3)
     assert costs.verify(8, 4096, 3) == pytest.approx(cm.t_verify(SMOLLM2, CPU, 8, 4096, 3))
+
+
+# ------------------------------------------------------------------------------------------------------
+# CLI: plan --calibrate, generate --gamma auto (tiny random model)
+
+
+def test_cli_calibrate_caches_the_fit_and_generate_auto_uses_it(tiny_models, tmp_path, monkeypatch):
+    import json
+
+    from test_errors import invoke
+
+    monkeypatch.setenv("MLC_MAGICDEC_HOME", str(tmp_path))
+    artifact = tiny_models("llama")[2]
+    result = invoke("plan", "--calibrate", artifact, "--quick", "--threads", "1", "--batch", "1,4",
+                    "--context", "256", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    samples = data["calibration"]["samples"]
+    assert {s["phase"] for s in samples} == set(cm.PHASES)
+    assert len(samples) == 3 * len(cal.QUICK_DESIGN.batches) * len(cal.QUICK_DESIGN.contexts)
+    assert [(p["batch"], p["context"]) for p in data["plans"]] == [(1, 256), (4, 256)]
+    cached = cal.load(data["calibration"]["key"])
+    assert cached is not None and cached.hardware.name.startswith("calibrated cpu")
+
+    result = invoke("generate", artifact, "--prompt", "It is a truth universally acknowledged",
+                    "--max-new-tokens", "12", "--speculate", "--gamma", "auto", "--budget", "auto",
+                    "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert "auto: plain steps" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--model", "llama-3.1-8b", "--against", "grid.json"), "go with --calibrate"),
+        (("--calibrate", "ART", "--model", "llama-3.1-8b"), "leave out --model"),
+        ((), "give --model"),
+        (("--calibrate", "ART", "--against", "GRID"), "is not a bench grid"),
+    ],
+)
+def test_cli_plan_calibrate_errors(tiny_models, tmp_path, args, message):
+    from test_errors import cli_error, invoke
+
+    (tmp_path / "GRID").write_text('{"cells": []}')
+    names = {"ART": str(tiny_models("llama")[2]), "GRID": str(tmp_path / "GRID")}
+    args = [names.get(a, a) for a in args]
+    assert message in cli_error(invoke("plan", *args))
