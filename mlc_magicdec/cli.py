@@ -377,6 +377,12 @@ def _print_stats(results) -> None:
     is_flag=True,
     help="Instead: plain decoding, ours against transformers (CPU, fp32), same prompts and threads.",
 )
+@click.option(
+    "--auto",
+    "auto_vs_fixed",
+    is_flag=True,
+    help="Instead: gamma/budget='auto' against plain and every fixed --gamma x --budget, end to end.",
+)
 @_one_line_errors
 def bench_cmd(
     artifact: Path,
@@ -392,6 +398,7 @@ def bench_cmd(
     json_path,
     plot_path,
     peers,
+    auto_vs_fixed,
 ) -> None:
     """MagicDec benchmark: T_D, T_V, accepted length, T_SD, T_AR and speedup over a batch x context grid."""
     import json
@@ -407,6 +414,23 @@ def bench_cmd(
     for kind in kinds:
         if kind not in ("snapkv", "streamingllm"):
             raise UserError(f"unknown draft {kind!r}; choose from snapkv, streamingllm")
+    if auto_vs_fixed:
+        if len(kinds) != 1:
+            raise UserError("--auto compares settings of one draft view; give one --draft")
+        _bench_auto(
+            artifact,
+            batches,
+            contexts,
+            new_tokens,
+            kinds[0],
+            budgets,
+            gammas,
+            repeats,
+            texts,
+            threads,
+            json_path,
+        )
+        return
     cfg = magicdec.BenchConfig(batches, contexts, gammas, kinds, budgets, new_tokens, repeats)
     sources = _bench_texts(texts)
     engine = Engine(artifact, threads=threads)
@@ -446,6 +470,27 @@ def _bench_peers(artifact, batches, contexts, new_tokens, repeats, texts, thread
     out.print(report.peers_table(rows, peers.ratios(rows)))
     if json_path:
         json_path.write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+
+
+def _bench_auto(
+    artifact, batches, contexts, new_tokens, draft, budgets, gammas, repeats, texts, threads, json_path
+) -> None:
+    import json
+
+    from .bench import auto_vs_fixed, report
+    from .runtime.engine import Engine
+
+    engine = Engine(artifact, threads=threads)
+    header = report.header(engine, " ".join(sys.argv))
+    out.print(header, highlight=False)
+    cfg = auto_vs_fixed.AutoBenchConfig(batches, contexts, gammas, budgets, draft, new_tokens, repeats)
+    results = auto_vs_fixed.run(
+        engine, _bench_texts(texts), cfg, progress=lambda m: console.print(f"[dim]{m}[/dim]")
+    )
+    results["header"] = header
+    out.print(auto_vs_fixed.table(results))
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2))
 
 
 def _is_current(artifact: Path) -> bool:
