@@ -70,6 +70,7 @@ class Hardware:
     overhead_s: float = 0.0
     attention_flops: float | None = None  # FLOP/s of attention, one device (None: peak_flops)
     overlap: bool = True
+    memory: float | None = None  # bytes of device memory, one device (None: not checked)
 
     def __post_init__(self) -> None:
         rates = (self.bandwidth, self.peak_flops, self.attention_rate)
@@ -106,15 +107,17 @@ class Hardware:
 #  - M2 Max (38-core GPU): Apple M2 Pro/Max press release (Jan 2023): 400 GB/s unified memory; about
 #    13.6 TFLOPS (FP32 ALUs; FP16 runs at the same rate on Apple GPUs).
 #  - M3 Max (40-core GPU): Apple M3 family press release (Oct 2023): 400 GB/s; about 14.2 TFLOPS.
+#  Memory: 24 GB (4090), 80 GB (A100 80GB, H100 SXM), 141 GB (H200); the largest unified memory the Macs
+#  are sold with, 96 GB (M2 Max) and 128 GB (M3 Max), of which macOS lends the GPU most.
 HARDWARE_PRESETS: dict[str, Hardware] = {
     hw.name: hw
     for hw in (
-        Hardware("rtx4090", 1008 * GB, 165.2 * TFLOPS),
-        Hardware("a100-80gb", 2039 * GB, 312 * TFLOPS),
-        Hardware("h100-sxm", 3350 * GB, 989 * TFLOPS),
-        Hardware("h200", 4800 * GB, 989 * TFLOPS),
-        Hardware("m2-max", 400 * GB, 13.6 * TFLOPS),
-        Hardware("m3-max", 400 * GB, 14.2 * TFLOPS),
+        Hardware("rtx4090", 1008 * GB, 165.2 * TFLOPS, memory=24 * GB),
+        Hardware("a100-80gb", 2039 * GB, 312 * TFLOPS, memory=80 * GB),
+        Hardware("h100-sxm", 3350 * GB, 989 * TFLOPS, memory=80 * GB),
+        Hardware("h200", 4800 * GB, 989 * TFLOPS, memory=141 * GB),
+        Hardware("m2-max", 400 * GB, 13.6 * TFLOPS, memory=96 * GB),
+        Hardware("m3-max", 400 * GB, 14.2 * TFLOPS, memory=128 * GB),
     )
 }
 HARDWARE_ALIASES = {
@@ -287,6 +290,19 @@ def step_work(model: ModelSpec | ModelConfig, batch: int, kv_len: int, tokens: i
 def _forward_time(m: ModelSpec, hw: Hardware, batch: int, kv_len: int, tokens: int) -> float:
     w = step_work(m, batch, kv_len, tokens)
     return step_time(hw, w.nbytes, w.matmul_flops, w.attention_flops)
+
+
+def memory_needed(model: ModelSpec | ModelConfig, batch: int, context: int) -> float:
+    """Bytes of weights (all parameters) and of ``batch`` sequences' KV at ``context``, all devices."""
+    m = as_spec(model)
+    return m.param_count * m.dtype_bytes + batch * m.kv_bytes_per_token * context
+
+
+def fits(model: ModelSpec | ModelConfig, hw: Hardware, batch: int, context: int) -> bool | None:
+    """Whether weights and KV fit in the devices' memory (split ``hw.devices`` ways); None if unknown."""
+    if hw.memory is None:
+        return None
+    return memory_needed(model, batch, context) <= hw.devices * hw.memory
 
 
 def t_target(model: ModelSpec | ModelConfig, hw: Hardware, batch: int, context: int) -> float:
@@ -574,6 +590,7 @@ class Plan:
     gamma: int
     speedup: float
     critical_length: int | None
+    fits: bool | None = None  # weights and KV fit in the devices' memory (None: memory unknown)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -628,7 +645,7 @@ def best_plan(
         if with_critical_length
         else None
     )
-    return Plan(batch, context, tt, k, alpha, td, tv, speedups, g, s, critical)
+    return Plan(batch, context, tt, k, alpha, td, tv, speedups, g, s, critical, fits(m, hw, batch, context))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -743,7 +760,7 @@ def plans_table(model: ModelSpec, hw: Hardware, draft: Draft, plans: Sequence[Pl
         )
     )
     columns = ("batch", "context", "T_T", "budget", "alpha", "T_D", "T_V(best)")
-    columns += (*(f"x g={g}" for g in gammas), "best gamma", "speedup", "critical L")
+    columns += (*(f"x g={g}" for g in gammas), "best gamma", "speedup", "critical L", "memory")
     for col in columns:
         table.add_column(col, justify="right")
     for p in plans:
@@ -759,6 +776,7 @@ def plans_table(model: ModelSpec, hw: Hardware, draft: Draft, plans: Sequence[Pl
             str(p.gamma),
             f"{p.speedup:.2f}x" if p.speedup > 1 else f"[dim]{p.speedup:.2f}x[/dim]",
             str(p.critical_length) if p.critical_length else "never",
+            {None: "-", True: "fits", False: "[red]too big[/red]"}[p.fits],
         )
     return table
 

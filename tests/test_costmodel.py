@@ -422,3 +422,18 @@ def test_omega_matches_closed_form_away_from_one():
         for alpha in (0.1, 0.5, 0.9):
             assert cm.omega(gamma, alpha) == pytest.approx((1 - alpha ** (gamma + 1)) / (1 - alpha))
     assert math.isclose(cm.omega(3, 0.5), 1.875)
+
+
+def test_memory_check_by_hand():
+    """Llama-3.1-8B fp16: 16.06 GB of weights; KV 128 KiB a token. A 4090 (24 GB) holds 8k tokens of one
+    sequence but not 64 sequences of 1k; eight A100s hold 256 sequences of 4k (16.06 + 137.4 GB)."""
+    kv = 2 * 32 * 8 * 128 * 2
+    assert cm.memory_needed(LLAMA_8B, 3, 1000) == LLAMA_8B.param_count * 2 + 3 * 1000 * kv
+    rtx = cm.parse_hardware("rtx4090")
+    assert cm.fits(LLAMA_8B, rtx, 1, 8192) is True
+    assert cm.fits(LLAMA_8B, rtx, 64, 1024) is False
+    assert cm.fits(LLAMA_8B, cm.parse_hardware("8xa100"), 256, 4096) is True
+    assert cm.fits(LLAMA_8B, cm.parse_hardware("8xa100"), 256, 131072) is False
+    assert cm.fits(LLAMA_8B, cm.Hardware("no spec", 1e12, 1e14), 256, 131072) is None
+    plan = cm.best_plan(LLAMA_8B, rtx, 64, 1024, 0.85, with_critical_length=False)
+    assert plan.fits is False and plan.to_dict()["fits"] is False
