@@ -47,6 +47,11 @@ SPECULATE_GAIN = 1.05  # speculation must be predicted this much faster than pla
 SWITCH_GAIN = 1.03  # a new speculative setting must be predicted this much faster than the current one
 
 
+def is_auto(value: object) -> bool:
+    """Whether a gamma or budget argument asks for the automatic choice."""
+    return isinstance(value, str) and value == AUTO
+
+
 def prior_curve(budget: int) -> float:
     """The prior ``alpha(K)``."""
     doublings = math.log2(budget / PRIOR_BUDGET)

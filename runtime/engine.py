@@ -14,12 +14,12 @@ from ..compile.attention import PAGE_SIZE, QUERY_TILE
 from ..errors import UserError
 from .artifact import Artifact, ArtifactError
 from .autospec import (
-    AUTO,
     AUTO_BUDGETS,
     AUTO_MAX_GAMMA,
     Acceptance,
     AutoPolicy,
     StepCosts,
+    is_auto,
     measured_curve,
     prior_curve,
 )
@@ -411,10 +411,7 @@ class Engine:
             if draft not in DRAFT_KINDS:
                 raise RequestError(f"unknown draft {draft!r}; choose one of: {', '.join(DRAFT_KINDS)}")
             budgets = list(budget) if isinstance(budget, (Sequence, np.ndarray)) else [budget] * len(requests)
-            # default: the artifact's, else DEFAULT_BUDGET, but never more than half the context window
-            default = self.artifact.config.get("draft_budget") or min(
-                DraftSettings().budget, self.config.context_window // 2
-            )
+            default = self._default_budget()
             settings = [DraftSettings(draft, int(b if b is not None else default)) for b in budgets]
         elif isinstance(settings, DraftSettings):
             settings = [settings] * len(requests)
@@ -426,6 +423,12 @@ class Engine:
             except ValueError as e:
                 raise RequestError(str(e)) from None
             r.draft = s
+
+    def _default_budget(self) -> int:
+        """The artifact's draft budget, else DEFAULT_BUDGET, but never more than half the context window."""
+        return self.artifact.config.get("draft_budget") or min(
+            DraftSettings().budget, self.config.context_window // 2
+        )
 
     def _build_views(self, runner: ModelRunner, requests: list[_Request], batch: PrefilledBatch) -> None:
         """After prefill: each request's compressed view (SnapKV scores its observation window on device)."""
@@ -596,11 +599,36 @@ class Engine:
             costs.observe("draft", choice.gamma * costs.draft_step(n, choice.budget, context), t_draft)
             costs.observe("verify", costs.verify(n, context, choice.gamma), t_verify)
 
-    def auto_policy(self, batch: PrefilledBatch, gamma, budget) -> AutoPolicy:
+    def _auto_policy(
+        self, batch: PrefilledBatch, draft_kind: str, gamma, budget, draft_settings
+    ) -> AutoPolicy:
         """The automatic policy for ``batch``: calibrated step costs, candidate gammas and budgets."""
         from ..bench import calibrate
         from ..bench import costmodel as cm
 
+        if draft_settings is not None:
+            raise RequestError("draft_settings fix the budget; use budget='auto' or draft_settings, not both")
+        if batch.max_gamma < 1:
+            raise RequestError("this batch was prefilled for plain decoding only; pass max_gamma to prefill")
+        for name, value, top in (("gamma", gamma, batch.max_gamma), ("budget", budget, None)):
+            if (
+                value is None
+                or is_auto(value)
+                or isinstance(value, (int, np.integer))
+                and 1 <= value <= (top or value)
+            ):
+                continue
+            limit = f"from 1 to {top}" if top else "at least 1 (one for the whole batch)"
+            raise RequestError(
+                f"with automatic speculation, {name} is 'auto' or an integer {limit}, got {value!r}"
+            )
+        if not is_auto(budget):
+            try:
+                DraftSettings(draft_kind, int(budget or self._default_budget())).validate(
+                    self.config.context_window
+                )
+            except ValueError as e:
+                raise RequestError(str(e)) from None
         calibration = calibrate.load_or_calibrate(self)
         draft = cm.SELF_DRAFT
         if self.drafter is not self.target:
@@ -613,8 +641,8 @@ class Engine:
             costs,
             gammas,
             budgets,
-            fixed_gamma=None if gamma == AUTO else gamma,
-            fixed_budget=None if budget == AUTO else budget,
+            fixed_gamma=None if is_auto(gamma) else int(gamma),
+            fixed_budget=None if is_auto(budget) else int(budget or self._default_budget()),
             acceptance_curve=measured_curve(calibration.acceptance)
             if calibration.acceptance
             else prior_curve,
@@ -695,15 +723,10 @@ class Engine:
             r.draft_len = len(r.prompt)
             for runner in self.runners:
                 runner.pages.set_length(r.seq_id, len(r.prompt))
-        auto = speculate and AUTO in (gamma, budget)
+        auto = speculate and (is_auto(gamma) or is_auto(budget))
         if auto:
-            if draft_settings is not None:
-                raise RequestError(
-                    "draft_settings fix the budget; use budget='auto' or draft_settings, not both"
-                )
-            policy = self.auto_policy(batch, gamma, budget)
-            gamma = policy.gammas[-1] if gamma == AUTO else gamma
-            budget = policy.budgets[0] if budget == AUTO else budget
+            policy = self._auto_policy(batch, draft, gamma, budget, draft_settings)
+            gamma, budget = policy.gammas[-1], policy.budgets[0]
         if speculate:
             self._attach_drafts(requests, draft, budget, gamma, draft_settings)
             if gamma > batch.max_gamma:
@@ -758,7 +781,7 @@ class Engine:
         """
         speculate = decode_args.get("speculate", False)
         max_gamma = decode_args.get("gamma", DEFAULT_GAMMA) if speculate else 0
-        if max_gamma == AUTO:
+        if is_auto(max_gamma):
             max_gamma = AUTO_MAX_GAMMA
         elif not isinstance(max_gamma, (int, np.integer)) or not 0 <= max_gamma <= MAX_GAMMA:
             max_gamma = MAX_GAMMA  # decode reports the bad gamma

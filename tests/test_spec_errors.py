@@ -66,6 +66,14 @@ BAD = {
     # per-sequence draft settings of the wrong length
     "settings-too-few": dict(draft_settings=[DraftSettings("snapkv", budget=64)] * 2),
     "settings-too-many": dict(draft_settings=[DraftSettings("streamingllm", budget=64)] * 4),
+    # automatic speculation (refused before it would calibrate anything)
+    "auto-with-settings": dict(gamma="auto", draft_settings=DraftSettings("snapkv", budget=64)),
+    "auto-budgets-per-sequence": dict(gamma="auto", budget=[64, 64, 64]),
+    "auto-gamma-word": dict(gamma="fast", budget="auto"),
+    "auto-gamma-too-big": dict(gamma=MAX_GAMMA + 1, budget="auto"),
+    "auto-budget-at-context": dict(gamma="auto", budget=TINY_CONTEXT),
+    "auto-budget-zero": dict(gamma="auto", budget=0),
+    "auto-draft-foo": dict(draft="foo", gamma="auto"),
 }
 
 
@@ -95,6 +103,16 @@ def test_messages_name_the_problem(engine, batch):
     assert "sink" in message(draft="streamingllm", budget=DEFAULT_SINK)
     assert "window" in message(draft="snapkv", budget=DEFAULT_WINDOW)
     assert "3" in message(draft="snapkv", budget=[64, 64])  # three prompts
+    assert "one for the whole batch" in message(gamma="auto", budget=[64, 64, 64])
+    assert "'fast'" in message(gamma="fast", budget="auto")
+    assert "draft_settings" in message(gamma="auto", draft_settings=DraftSettings("snapkv", budget=64))
+
+
+def test_auto_needs_room_for_drafts(tiny_models):
+    engine = Engine(tiny_models("llama")[2])
+    with engine.prefill([[5, 6, 7] * 20], max_new_tokens=4, max_gamma=0) as plain_only:
+        with pytest.raises(RequestError, match="max_gamma"):
+            engine.decode(plain_only, speculate=True, gamma="auto", budget="auto")
 
 
 def test_generate_refuses_bad_settings_and_frees_its_pages(tiny_models):
