@@ -20,6 +20,7 @@ out = Console(width=None if Console().is_terminal else TABLE_WIDTH)
 DEMO_PROMPT = "pride_and_prejudice_ch1-3.txt"
 BENCH_TEXT = "persuasion.txt"
 DEFAULT_MODEL = "smollm2"
+DEFAULT_ALPHA = "0.85"  # plan's acceptance rate when none is given or measured
 
 
 def _one_line_errors(fn):
@@ -573,9 +574,9 @@ def demo_cmd(max_new_tokens: int) -> None:
 @click.option(
     "--alpha",
     "alpha_text",
-    default="0.85",
-    show_default=True,
-    help="Acceptance rate, or a measured curve of budget:rate pairs (256:0.8,512:0.85,1024:0.9).",
+    default=None,
+    help="Acceptance rate, or a measured curve of budget:rate pairs (256:0.8,512:0.85,1024:0.9) "
+    "[default: the curve --calibrate --against measured, else 0.85].",
 )
 @click.option(
     "--budget",
@@ -656,7 +657,11 @@ def plan_cmd(
     else:
         hw = dataclasses.replace(cm.parse_hardware(hardware), overhead_s=overhead_us * us)
     model = cm.load_model(model_spec, dtype)
-    alpha = cm.parse_alpha(alpha_text)
+    measured = report.get("calibration", {}).get("acceptance")
+    if alpha_text is None and measured:
+        alpha = {int(k): a for k, a in measured.items()}
+    else:
+        alpha = cm.parse_alpha(alpha_text or DEFAULT_ALPHA)
     draft = cm.Draft(cm.load_model(draft_model, dtype) if draft_model else None, draft_kv == "compressed")
     if not batches or not contexts or not gammas or budgets == []:
         raise UserError("--batch, --context, --gamma and --budget need at least one value each")
