@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -26,6 +27,7 @@ from . import costmodel as cm
 from .magicdec import BenchConfig, step_costs
 
 CALIBRATION_FORMAT = 1
+INFINITE = "inf"  # an unresolved rate in the JSON file
 CALIBRATION_DIR = "calibration"
 MS = 1e3
 
@@ -71,8 +73,7 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Calibration:
-        hw = {k: (float("inf") if v is None else v) for k, v in d["hardware"].items()}
-        hw["devices"], hw["overlap"] = int(hw["devices"]), bool(hw["overlap"])
+        hw = {k: (math.inf if v == INFINITE else v) for k, v in d["hardware"].items()}
         acceptance = d.get("acceptance")
         return cls(
             d["key"],
@@ -83,8 +84,8 @@ class Calibration:
 
 
 def _finite(value: Any) -> Any:
-    """JSON has no infinity: an unresolved (infinite) rate is stored as null."""
-    return None if isinstance(value, float) and value == float("inf") else value
+    """JSON has no infinity: an unresolved (infinite) rate is stored as ``INFINITE``."""
+    return INFINITE if isinstance(value, float) and math.isinf(value) else value
 
 
 def calibration_key(artifact_config: Mapping[str, Any], threads: int) -> str:
@@ -259,6 +260,39 @@ def prediction_errors(model: cm.ModelSpec, hw: cm.Hardware, grid: Mapping[str, A
         setting = f"{cell['draft']}/{budget}/gamma {g}"
         out.append(Prediction("speedup", b, ctx, setting, cell["speedup"], t_ar / t_sd))
     return out
+
+
+def grid_samples(
+    grid: Mapping[str, Any], cells: Sequence[tuple[int, int]] | None = None
+) -> list[cm.StepSample]:
+    """The grid's measured steps (every T_AR, T_D and T_V) of the (batch, context) ``cells`` (or all)."""
+    out = []
+    for cell in grid["cells"]:
+        b, ctx = cell["batch"], cell["context"]
+        if cells is not None and (b, ctx) not in cells:
+            continue
+        out.append(cm.StepSample("target", b, ctx, 1, cell["T_AR"]))
+        for key, t in cell["T_D"].items():
+            out.append(cm.StepSample("draft", b, min(int(key.split("/")[1]), ctx), 1, t))
+        for g, t in cell["T_V"].items():
+            out.append(cm.StepSample("verify", b, ctx, int(g) + 1, t))
+    return out
+
+
+def corner_cells(grid: Mapping[str, Any]) -> list[tuple[int, int]]:
+    """The smallest and largest batch at the shortest and longest context: a four-cell design."""
+    batches = sorted({c["batch"] for c in grid["cells"]})
+    contexts = sorted({c["context"] for c in grid["cells"]})
+    return [(b, ctx) for b in {batches[0], batches[-1]} for ctx in {contexts[0], contexts[-1]}]
+
+
+def held_out_errors(model: cm.ModelSpec, grid: Mapping[str, Any]) -> tuple[cm.Hardware, list[Prediction]]:
+    """Fit on the grid's corner cells, predict the other cells: the model's own error, free of the drift in
+    machine load between a calibration run and a grid run."""
+    corners = corner_cells(grid)
+    hw = cm.fit_hardware(model, grid_samples(grid, corners), "fitted on the grid's corner cells")
+    rest = {"cells": [c for c in grid["cells"] if (c["batch"], c["context"]) not in corners]}
+    return hw, prediction_errors(model, hw, rest)
 
 
 def error_summary(predictions: Sequence[Prediction]) -> dict[str, float]:

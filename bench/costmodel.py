@@ -60,7 +60,9 @@ class Hardware:
     cost per forward step (kernel launches, synchronisation, all-reduces), not divided among devices.
     ``attention_flops`` is the rate of the attention FLOPs when it differs from ``peak_flops`` (a calibrated
     machine whose attention kernel runs at another rate than its matmuls). ``overlap``: memory traffic and
-    compute overlap (the roofline's ``max``); a calibrated CPU adds them instead.
+    compute overlap (the roofline's ``max``); a calibrated CPU adds them instead. ``sparse_bandwidth`` is
+    the rate of KV reads through a draft's compressed view (a gather of scattered positions), when it
+    differs from ``bandwidth``.
     """
 
     name: str
@@ -71,13 +73,21 @@ class Hardware:
     attention_flops: float | None = None  # FLOP/s of attention, one device (None: peak_flops)
     overlap: bool = True
     memory: float | None = None  # bytes of device memory, one device (None: not checked)
+    sparse_bandwidth: float | None = (
+        None  # bytes/s of KV gathered through a compressed view (None: bandwidth)
+    )
 
     def __post_init__(self) -> None:
-        rates = (self.bandwidth, self.peak_flops, self.attention_rate)
+        rates = (self.bandwidth, self.peak_flops, self.attention_rate, self.sparse_rate)
         if min(rates) <= 0 or self.devices < 1 or self.overhead_s < 0:
             raise CostModelError(
                 f"hardware {self.name!r} needs positive bandwidth and FLOP/s, devices >= 1 and overhead >= 0"
             )
+
+    @property
+    def sparse_rate(self) -> float:
+        """Bytes/s of KV read through a compressed view, one device."""
+        return self.bandwidth if self.sparse_bandwidth is None else self.sparse_bandwidth
 
     @property
     def attention_rate(self) -> float:
@@ -252,44 +262,56 @@ def _check_positive(**values: int) -> None:
             raise CostModelError(f"{name} must be at least 1, got {v}")
 
 
-def step_time(hw: Hardware, nbytes: float, flops: float, attention_flops: float = 0.0) -> float:
+def step_time(
+    hw: Hardware, nbytes: float, flops: float, attention_flops: float = 0.0, sparse_bytes: float = 0.0
+) -> float:
     """``max(bytes / (n * bandwidth), flops / (n * peak)) + overhead`` for ``n = hw.devices``.
 
-    ``flops`` are the matmul FLOPs and ``attention_flops`` those of attention (at ``hw.attention_rate``).
+    ``flops`` are the matmul FLOPs and ``attention_flops`` those of attention (at ``hw.attention_rate``);
+    ``sparse_bytes`` are KV bytes gathered through a compressed view (at ``hw.sparse_rate``).
     Without ``hw.overlap`` the memory and compute times are added instead of taking their maximum.
     """
     n = hw.devices
-    memory = nbytes / (n * hw.bandwidth)
+    memory = nbytes / (n * hw.bandwidth) + sparse_bytes / (n * hw.sparse_rate)
     compute = flops / (n * hw.peak_flops) + attention_flops / (n * hw.attention_rate)
     return (max(memory, compute) if hw.overlap else memory + compute) + hw.overhead_s
 
 
 @dataclasses.dataclass(frozen=True)
 class StepWork:
-    """What one forward step does: bytes read, matmul FLOPs and attention FLOPs."""
+    """What one forward step does: bytes read (the KV's, densely or through a compressed view), matmul
+    FLOPs and attention FLOPs."""
 
     nbytes: float
     matmul_flops: float
     attention_flops: float
+    sparse_bytes: float = 0.0
 
 
-def step_work(model: ModelSpec | ModelConfig, batch: int, kv_len: int, tokens: int) -> StepWork:
+def step_work(
+    model: ModelSpec | ModelConfig, batch: int, kv_len: int, tokens: int, sparse: bool = False
+) -> StepWork:
     """One forward of ``tokens`` new tokens for each of ``batch`` sequences that attend to ``kv_len``.
 
     ``bytes = W + B * KV(kv_len)``, ``matmul = B * tokens * 2 * P`` and
-    ``attention = B * tokens * 4 * layers * heads * head_dim * kv_len``.
+    ``attention = B * tokens * 4 * layers * heads * head_dim * kv_len``. With ``sparse`` the KV bytes are
+    gathered through a compressed view and counted apart.
     """
     m = as_spec(model)
+    kv = batch * m.kv_bytes_per_token * kv_len
     return StepWork(
-        m.weight_bytes + batch * m.kv_bytes_per_token * kv_len,
+        m.weight_bytes + (0 if sparse else kv),
         batch * tokens * FLOPS_PER_MAC * m.step_param_count,
         batch * tokens * m.attention_flops_per_entry * kv_len,
+        kv if sparse else 0.0,
     )
 
 
-def _forward_time(m: ModelSpec, hw: Hardware, batch: int, kv_len: int, tokens: int) -> float:
-    w = step_work(m, batch, kv_len, tokens)
-    return step_time(hw, w.nbytes, w.matmul_flops, w.attention_flops)
+def _forward_time(
+    m: ModelSpec, hw: Hardware, batch: int, kv_len: int, tokens: int, sparse: bool = False
+) -> float:
+    w = step_work(m, batch, kv_len, tokens, sparse)
+    return step_time(hw, w.nbytes, w.matmul_flops, w.attention_flops, w.sparse_bytes)
 
 
 def memory_needed(model: ModelSpec | ModelConfig, batch: int, context: int) -> float:
@@ -350,7 +372,7 @@ def t_draft(
             raise CostModelError("a draft with a full KV cache needs the context length")
         _check_positive(batch=batch, context=context)
         kv_len = context
-    return _forward_time(m, hw, batch, kv_len, 1)
+    return _forward_time(m, hw, batch, kv_len, 1, sparse=draft.compressed)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -376,10 +398,12 @@ class StepSample:
 
 
 def fit_hardware(model: ModelSpec | ModelConfig, samples: Sequence[StepSample], name: str) -> Hardware:
-    """The machine as the model sees it: effective bandwidth, matmul and attention FLOP/s, and overhead.
+    """The machine as the model sees it: effective bandwidth (dense, and through a compressed view), matmul
+    and attention FLOP/s, and overhead.
 
-    Fits ``T = overhead + bytes / bandwidth + matmul_flops / peak + attention_flops / attention_rate``
-    (no overlap, as measured on CPUs) by non-negative least squares on relative error, so every sample
+    Fits ``T = overhead + bytes / bandwidth + sparse_bytes / sparse_bandwidth + matmul_flops / peak +
+    attention_flops / attention_rate`` (no overlap, as measured on CPUs; draft samples read their KV through
+    a compressed view) by non-negative least squares on relative error, so every sample
     counts alike whatever its size. A term the samples cannot resolve (its coefficient fits to zero) gets an
     infinite rate.
     """
@@ -391,15 +415,15 @@ def fit_hardware(model: ModelSpec | ModelConfig, samples: Sequence[StepSample], 
     for s in samples:
         if s.seconds <= 0:
             raise CostModelError(f"measured step time must be positive, got {s.seconds}")
-        w = step_work(model, s.batch, s.kv_len, s.tokens)
-        rows.append([1.0, w.nbytes, w.matmul_flops, w.attention_flops])
+        w = step_work(model, s.batch, s.kv_len, s.tokens, sparse=s.phase == "draft")
+        rows.append([1.0, w.nbytes, w.sparse_bytes, w.matmul_flops, w.attention_flops])
         target.append(s.seconds)
     a = np.asarray(rows) / np.asarray(target)[:, None]
     scale = a.max(axis=0)  # columns of order one for a well-conditioned fit
     scale[scale == 0] = 1.0
     coef, _ = nnls(a / scale, np.ones(len(samples)))
     coef[coef < NEGLIGIBLE_SHARE] = 0.0  # in scaled units: a term worth less than this share of any step
-    overhead, per_byte, per_flop, per_attention_flop = (float(c) for c in coef / scale)
+    overhead, per_byte, per_sparse_byte, per_flop, per_attention_flop = (float(c) for c in coef / scale)
 
     def rate(per_unit: float) -> float:
         return 1.0 / per_unit if per_unit > 0 else math.inf
@@ -411,12 +435,14 @@ def fit_hardware(model: ModelSpec | ModelConfig, samples: Sequence[StepSample], 
         overhead_s=float(overhead),
         attention_flops=rate(per_attention_flop),
         overlap=False,
+        sparse_bandwidth=rate(per_sparse_byte),
     )
 
 
 def predict_sample(model: ModelSpec | ModelConfig, hw: Hardware, sample: StepSample) -> float:
     """The model's time for the step of ``sample`` (its measured seconds are ignored)."""
-    return _forward_time(as_spec(model), hw, sample.batch, sample.kv_len, sample.tokens)
+    m = as_spec(model)
+    return _forward_time(m, hw, sample.batch, sample.kv_len, sample.tokens, sparse=sample.phase == "draft")
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -724,8 +724,14 @@ def _calibrate(
         report["prediction_error"] = summary
         report["predictions"] = [dataclasses.asdict(p) | {"error": p.error} for p in predictions]
         report["calibration"] = calibration.to_dict()
+        _, held_out = cal.held_out_errors(model, grid)
+        report["held_out_error"] = cal.error_summary(held_out)
         if not quiet:
             out.print(cal.errors_table(predictions, f"Prediction against the measured grid {grid_path}"))
+            out.print(
+                "fitted on the grid's corner cells instead, median absolute error on the other cells: "
+                + ", ".join(f"{q} {e:.1%}" for q, e in report["held_out_error"].items())
+            )
             out.print("median absolute error: " + ", ".join(f"{q} {e:.1%}" for q, e in summary.items()))
     return calibration.hardware
 

@@ -15,9 +15,19 @@ from mlc_magicdec.runtime import autospec as auto
 
 SMOLLM2 = cm.ModelSpec(
     cm.ModelConfig(
-        family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-        num_heads=9, num_kv_heads=3, head_dim=64, context_window=8192, rope_theta=100000.0,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,),
+        family="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        context_window=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_ids=(2,),
     ),
     dtype_bytes=4,
     name="smollm2",
@@ -41,7 +51,12 @@ def test_fit_recovers_the_rates_that_made_the_samples():
     assert hw.peak_flops == pytest.approx(CPU.peak_flops, rel=1e-6)
     assert hw.attention_rate == pytest.approx(CPU.attention_rate, rel=1e-6)
     assert hw.overhead_s == pytest.approx(CPU.overhead_s, rel=1e-6)
+    assert hw.sparse_rate == pytest.approx(CPU.bandwidth, rel=1e-6)  # CPU gathers as fast as it streams
     assert not hw.overlap
+    slow_gather = dataclasses.replace(CPU, sparse_bandwidth=5e9)
+    assert cm.fit_hardware(SMOLLM2, design_samples(slow_gather), "fit").sparse_rate == pytest.approx(
+        5e9, rel=1e-6
+    )
 
 
 def test_fit_of_noisy_samples_predicts_within_the_noise():
@@ -102,9 +117,18 @@ def test_prediction_errors_against_a_grid_made_by_the_model():
     t_ar = cm.t_target(SMOLLM2, CPU, b, ctx)
     t_d = cm.t_draft(SMOLLM2, CPU, b, k, ctx)
     t_v = {str(gg): cm.t_verify(SMOLLM2, CPU, b, ctx, gg) for gg in (1, 3)}
-    cell = {"batch": b, "context": ctx, "T_AR": t_ar, "T_D": {f"snapkv/{k}": t_d}, "T_V": t_v,
-            "draft": "snapkv", "budget": k, "gamma": g, "accepted_length": length,
-            "speedup": t_ar / cm.t_sd(g, t_d, t_v[str(g)], length)}
+    cell = {
+        "batch": b,
+        "context": ctx,
+        "T_AR": t_ar,
+        "T_D": {f"snapkv/{k}": t_d},
+        "T_V": t_v,
+        "draft": "snapkv",
+        "budget": k,
+        "gamma": g,
+        "accepted_length": length,
+        "speedup": t_ar / cm.t_sd(g, t_d, t_v[str(g)], length),
+    }
     grid = {"cells": [cell], "acceptance": {str(ctx): {"accepted_length": {f"snapkv/{k}/{g}": length}}}}
     preds = cal.prediction_errors(SMOLLM2, CPU, grid)
     assert {p.quantity for p in preds} == {"T_AR", "T_D", "T_V", "speedup"}
@@ -167,9 +191,14 @@ def test_the_choice_is_the_best_predicted_throughput():
     contexts, acc = [8000, 6000, 7000, 8000], at_prior(4)
     mean = round(sum(contexts) / 4)
     best = max(
-        (sum(cm.omega(g, a.alpha(k)) for a in acc)
-         / (g * cm.t_draft(SMOLLM2, CPU, 4, k, mean) + cm.t_verify(SMOLLM2, CPU, 4, mean, g)), g, k)
-        for g in range(1, 9) for k in (128, 256, 512, 1024)
+        (
+            sum(cm.omega(g, a.alpha(k)) for a in acc)
+            / (g * cm.t_draft(SMOLLM2, CPU, 4, k, mean) + cm.t_verify(SMOLLM2, CPU, 4, mean, g)),
+            g,
+            k,
+        )
+        for g in range(1, 9)
+        for k in (128, 256, 512, 1024)
     )
     plain = 4 / cm.t_target(SMOLLM2, CPU, 4, mean)
     assert best[0] > auto.SPECULATE_GAIN * plain  # long contexts: speculation pays here
@@ -225,8 +254,19 @@ def test_cli_calibrate_caches_the_fit_and_generate_auto_uses_it(tiny_models, tmp
 
     monkeypatch.setenv("MLC_MAGICDEC_HOME", str(tmp_path))
     artifact = tiny_models("llama")[2]
-    result = invoke("plan", "--calibrate", artifact, "--quick", "--threads", "1", "--batch", "1,4",
-                    "--context", "256", "--json")
+    result = invoke(
+        "plan",
+        "--calibrate",
+        artifact,
+        "--quick",
+        "--threads",
+        "1",
+        "--batch",
+        "1,4",
+        "--context",
+        "256",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     samples = data["calibration"]["samples"]
@@ -236,9 +276,21 @@ def test_cli_calibrate_caches_the_fit_and_generate_auto_uses_it(tiny_models, tmp
     cached = cal.load(data["calibration"]["key"])
     assert cached is not None and cached.hardware.name.startswith("calibrated cpu")
 
-    result = invoke("generate", artifact, "--prompt", "It is a truth universally acknowledged",
-                    "--max-new-tokens", "12", "--speculate", "--gamma", "auto", "--budget", "auto",
-                    "--threads", "1")
+    result = invoke(
+        "generate",
+        artifact,
+        "--prompt",
+        "It is a truth universally acknowledged",
+        "--max-new-tokens",
+        "12",
+        "--speculate",
+        "--gamma",
+        "auto",
+        "--budget",
+        "auto",
+        "--threads",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     assert "auto: plain steps" in result.output
 
