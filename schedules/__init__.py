@@ -6,7 +6,7 @@ from types import ModuleType
 
 from tvm.target import Target
 
-from ..compile.targets import TargetError
+from ..compile.targets import GPU_TARGETS, TargetError
 
 
 def attention_kernels(target: Target) -> ModuleType:
@@ -16,6 +16,10 @@ def attention_kernels(target: Target) -> ModuleType:
         from . import cpu_attention
 
         return cpu_attention
+    if kind in GPU_TARGETS:
+        from . import gpu_attention
+
+        return gpu_attention
     raise TargetError(f"no attention kernels for target {kind!r} in this release; use --target llvm")
 
 
@@ -26,4 +30,8 @@ def relax_pipeline(target: Target):
         from . import cpu
 
         return cpu.pipeline(target)
+    if kind in GPU_TARGETS:
+        from . import gpu
+
+        return gpu.pipeline(target)
     raise TargetError(f"no schedules for target {kind!r} in this release; use --target llvm")

@@ -1,0 +1,104 @@
+"""GPU (CUDA, Metal, Vulkan) schedule rules, the Relax pipeline that applies them, and the binding check.
+
+Rules are TVM dlight ``ScheduleRule``s, tried in order on every fused TIR function:
+
+- ``LowBatchGEMV``: every matmul of the model. Weights are stored ``[in, out]`` (``out`` contiguous), which
+  dlight handles as an *outer* reduction: threads of a warp own adjacent output columns and read each weight
+  row as one coalesced run, while the reduction over ``in`` is split across threads and merged in shared
+  memory. The symbolic token count ``n`` is padded to a bucket of ``GEMV_BUCKET`` rows that share every weight
+  read, so one kernel serves decode and draft (``n`` = batch, a GEMV) and verify (``n`` = batch x (gamma+1),
+  a small-M GEMM reading the weights ``n / GEMV_BUCKET`` times). The stock ``gpu.Matmul`` rule is left out:
+  in TVM 0.27 it segfaults in ``Tensorize`` for sm_89 and for Metal.
+- ``Reduction``, ``GeneralReduction``: RMSNorm and row reductions, one block per row (dlight's ``RMSNorm``
+  rule fails on a 2-D norm with a symbolic row count in TVM 0.27).
+- ``Transpose``, then ``Fallback``: everything else (RoPE, SiLU, embedding gather, casts) is elementwise and
+  gets bound to blocks and threads.
+
+The attention kernels (``gpu_attention``) arrive already scheduled. TVM 0.27 silently compiles a kernel
+that no rule scheduled as *host* code, so ``check_bindings`` runs right after scheduling and fails the
+build, naming every kernel without a thread binding.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.target import Target
+
+from ..errors import UserError
+
+BINDING_MARKERS = ("T.thread_binding(", "T.launch_thread(", "T.env_thread(")
+GEMV_BUCKET = 4  # rows of the token axis that share each weight read (dlight's outer-reduction GEMV limit)
+
+
+class UnboundKernelError(UserError, RuntimeError):
+    """A device kernel that no schedule rule bound to GPU threads (it would silently run as host code)."""
+
+
+def rules() -> list[ScheduleRule]:
+    return [
+        dl.gpu.LowBatchGEMV(GEMV_BUCKET),
+        dl.gpu.GEMV(),
+        dl.gpu.Reduction(),
+        dl.gpu.GeneralReduction(),
+        dl.gpu.Transpose(),
+        dl.gpu.Fallback(),
+    ]
+
+
+def has_thread_binding(func: tirx.PrimFunc) -> bool:
+    """Whether ``func`` binds a loop to ``blockIdx``/``threadIdx`` (or already launches GPU threads).
+
+    TVM 0.27 exposes no TIR visitor to Python, so this reads the function's TVMScript.
+    """
+    text = func.script()
+    return any(marker in text for marker in BINDING_MARKERS)
+
+
+def unbound_kernels(mod: tvm.ir.IRModule) -> list[str]:
+    """Names of the module's TIR functions (all device kernels at this stage) without a thread binding."""
+    return sorted(
+        gv.name_hint
+        for gv, func in mod.functions.items()
+        if isinstance(func, tirx.PrimFunc) and not has_thread_binding(func)
+    )
+
+
+@tvm.transform.module_pass(opt_level=0, name="CheckThreadBindings")
+def check_bindings(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
+    """Fail the build if any device kernel lacks thread bindings (see module docstring)."""
+    missing = unbound_kernels(mod)
+    if missing:
+        raise UnboundKernelError(
+            f"{len(missing)} GPU kernel(s) have no thread bindings and would run as host code: "
+            f"{', '.join(missing)}; add a schedule rule for them in schedules/gpu.py"
+        )
+    return mod
+
+
+def pipeline(target: Target) -> tvm.transform.Pass:
+    """The Relax pipeline for GPU targets: TVM's CUDA passes with our rules and the binding check."""
+    from tvm.relax.backend.cuda import pipeline as gpu
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(
+                gpu.library_dispatch_passes(target)
+                + [
+                    relax.transform.LegalizeOps(),
+                    relax.transform.AnnotateTIROpPattern(),
+                    relax.transform.FoldConstant(),
+                    relax.transform.FuseOps(),
+                    relax.transform.FuseTIR(),
+                    dl.ApplyDefaultSchedule(*rules()),
+                    check_bindings,
+                ]
+                + gpu.dataflow_lower_passes(target)
+                + gpu.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
