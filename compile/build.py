@@ -66,8 +66,13 @@ def library_name(preset: TargetPreset) -> str:
 
 
 def entry_kernels(mod: tvm.IRModule) -> dict[str, list[str]]:
-    """For each Relax entry point of a lowered module, the names of the TIR kernels it calls."""
-    prim_funcs = {gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    """For each Relax entry point of a lowered module, the names of the TIR kernels it calls (host-side
+    helpers such as the VM's shape functions are left out)."""
+    prim_funcs = {
+        gv.name_hint
+        for gv, f in mod.functions.items()
+        if isinstance(f, tvm.tirx.PrimFunc) and not (f.attrs and f.attrs.get("tirx.is_host_func"))
+    }
     kernels: dict[str, list[str]] = {}
     for gv, func in mod.functions.items():
         if not isinstance(func, relax.Function):
@@ -99,6 +104,10 @@ def build_library(mod, preset: TargetPreset, folder: Path) -> dict:
     with tvm.transform.PassContext(config=config):
         with preset.target:
             mod = relax_pipeline(preset.target)(mod)
+        if gpu:
+            from ..schedules.gpu import raise_for_unbound
+
+            raise_for_unbound(mod)
         executable = relax.build(mod, target=preset.target, relax_pipeline=None)
     info = {"library": library_name(preset), "kernels": entry_kernels(mod)}
     if preset.kind == "cuda":

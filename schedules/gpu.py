@@ -15,8 +15,8 @@ Rules are TVM dlight ``ScheduleRule``s, tried in order on every fused TIR functi
   gets bound to blocks and threads.
 
 The attention kernels (``gpu_attention``) arrive already scheduled. TVM 0.27 silently compiles a kernel
-that no rule scheduled as *host* code, so ``check_bindings`` runs right after scheduling and fails the
-build, naming every kernel without a thread binding.
+that no rule scheduled as *host* code, so ``check_bindings`` runs right after scheduling and the build
+driver fails (``raise_for_unbound``), naming every kernel without a thread binding.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from tvm.target import Target
 from ..errors import UserError
 
 BINDING_MARKERS = ("T.thread_binding(", "T.launch_thread(", "T.env_thread(")
+UNBOUND_ATTR = "mlc_magicdec.unbound_kernels"
 GEMV_BUCKET = 4  # rows of the token axis that share each weight read (dlight's outer-reduction GEMV limit)
 
 
@@ -68,14 +69,23 @@ def unbound_kernels(mod: tvm.ir.IRModule) -> list[str]:
 
 @tvm.transform.module_pass(opt_level=0, name="CheckThreadBindings")
 def check_bindings(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
-    """Fail the build if any device kernel lacks thread bindings (see module docstring)."""
+    """Record, in the module attribute ``UNBOUND_ATTR``, the device kernels without thread bindings.
+
+    The pass only records them (an exception raised inside a TVM pass loses its type); the build driver
+    calls ``raise_for_unbound`` on the pipeline's result.
+    """
     missing = unbound_kernels(mod)
+    return mod.with_attr(UNBOUND_ATTR, missing) if missing else mod
+
+
+def raise_for_unbound(mod: tvm.ir.IRModule) -> None:
+    """Fail the build, naming every kernel that ``check_bindings`` found without thread bindings."""
+    missing = list(mod.attrs[UNBOUND_ATTR]) if mod.attrs and UNBOUND_ATTR in mod.attrs else []
     if missing:
         raise UnboundKernelError(
             f"{len(missing)} GPU kernel(s) have no thread bindings and would run as host code: "
             f"{', '.join(missing)}; add a schedule rule for them in schedules/gpu.py"
         )
-    return mod
 
 
 def pipeline(target: Target) -> tvm.transform.Pass:
