@@ -8,40 +8,81 @@ values are both row-major, ``x[slot * head_dim + d]``, so the threads of a warp 
 coalesced run.
 
 Attention is flash-attention tiled, one thread block per (query tile, KV head, group of query heads): a tile's
-tokens times the block's query heads share every block of ``KEY_BLOCK`` keys staged in shared memory, with an
+tokens times the block's query heads share every block of ``KEY_BLOCKS`` keys staged in shared memory, with an
 online softmax over key blocks. Inside a block the ``THREADS`` threads take turns over phases separated by
 barriers: gather the key positions of the block (dense: ``0..pos``; sparse: the static list, then the window),
 stage the keys and values, score every (row, key) pair, update each row's running max and sum, and rescale and
 accumulate every (row, feature) output. Queries, outputs and statistics stay in shared memory, sized for the
 largest tile (``QUERY_TILE`` tokens); the query heads of a GQA group are split over blocks when a whole group
-does not fit in ``SHARED_BUDGET``.
+does not fit the target's shared memory per block (Metal and Vulkan: 32 KB).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 from tvm.script import tirx as T
+from tvm.target import Target
 
 from ..compile.attention import QUERY_TILE
+from ..compile.targets import TargetError
 
 THREADS = 128  # threads per block (4 warps; at most Metal's and Vulkan's 256)
-KEY_BLOCK = 32  # keys staged in shared memory per step (two pages)
-SHARED_BUDGET = 20 * 1024  # bytes for a block's queries and fp32 outputs (Metal has 32 KB in all)
+KEY_BLOCKS = (32, 16)  # keys staged in shared memory per step, by preference (two pages, one page)
+CUDA_STATIC_SHARED = 48 * 1024  # bytes of static shared memory per block on every CUDA GPU
+ROW_STATS = 4  # per-row shared values: max, sum, rescale factor, position
 LOG2E = math.log2(math.e)
 NEG_INF = -3.0e38
 MASKED = -1.0e38  # scores below this are masked keys: their probability is exactly 0
 INT_MAX = 2147483647
 
 
-def heads_per_block(group: int, head_dim: int, dtype: str) -> int:
-    """The most query heads of a GQA group one block takes so that its queries and outputs fit the budget."""
-    row_bytes = head_dim * (np.dtype(dtype).itemsize + 4)  # query in dtype, output accumulator in fp32
-    fitting = [
-        h for h in range(1, group + 1) if group % h == 0 and QUERY_TILE * h * row_bytes <= SHARED_BUDGET
-    ]
-    return max(fitting, default=1)
+def shared_bytes(heads: int, key_block: int, head_dim: int, dtype: str) -> int:
+    """Shared memory of one attention block: ``heads`` query heads of a group, ``key_block`` keys a step."""
+    item = np.dtype(dtype).itemsize
+    per_row = head_dim * (item + 4) + 2 * key_block * 4 + ROW_STATS * 4  # query, fp32 output, s, p, stats
+    per_key = (head_dim + _key_pad(dtype)) * item + head_dim * item + 2 * 4  # key, value, position, slot
+    return QUERY_TILE * heads * per_row + key_block * per_key
+
+
+def block_shape(group: int, head_dim: int, dtype: str, shared_limit: int) -> tuple[int, int]:
+    """``(heads, key_block)`` of an attention block within ``shared_limit`` bytes: the most query heads of the
+    GQA group (a divisor of it, so fewer re-reads of each key), then the longest key block."""
+    for heads in (h for h in range(group, 0, -1) if group % h == 0):
+        for key_block in KEY_BLOCKS:
+            if shared_bytes(heads, key_block, head_dim, dtype) <= shared_limit:
+                return heads, key_block
+    need = shared_bytes(1, KEY_BLOCKS[-1], head_dim, dtype)
+    raise TargetError(
+        f"attention with head_dim {head_dim} in {dtype} needs {need} bytes of GPU shared memory, over this "
+        f"target's {shared_limit}; compile with --dtype float16"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuKernels:
+    """The kernel generators of ``cpu_attention``'s interface, sized for one target's shared memory."""
+
+    shared_limit: int
+
+    def kv_append(self, num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
+        return kv_append(num_kv_heads, head_dim, page_size, dtype)
+
+    def paged_attention(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str, sparse: bool
+    ):
+        return paged_attention(num_heads, num_kv_heads, head_dim, page_size, dtype, sparse, self.shared_limit)
+
+    def attention_scores(self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
+        return attention_scores(num_heads, num_kv_heads, head_dim, page_size, dtype)
+
+
+def for_target(target: Target) -> GpuKernels:
+    """The kernels for ``target``, within its shared memory per block (CUDA: the 48 KB of static shared)."""
+    limit = target.attrs.get("max_shared_memory_per_block")
+    return GpuKernels(int(limit) if limit else CUDA_STATIC_SHARED)
 
 
 def _key_pad(dtype: str) -> int:
@@ -91,15 +132,20 @@ def kv_append(num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
 
 
 def paged_attention(
-    num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str, sparse: bool
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    dtype: str,
+    sparse: bool,
+    shared_limit: int = CUDA_STATIC_SHARED,
 ):
     """Tiled attention over the pool. Dense: keys ``0 .. pos``; sparse: the static list, then the window."""
     Hq, Hkv, D, P = num_heads, num_kv_heads, head_dim, page_size
     G = Hq // Hkv
-    HB = heads_per_block(G, D, dtype)  # query heads per block
+    HB, KB = block_shape(G, D, dtype, shared_limit)  # query heads per block, keys per step
     SPLIT = G // HB  # blocks per (tile, KV head)
     MR = QUERY_TILE * HB  # most rows (token, head) of one block
-    KB = KEY_BLOCK
     DK = D + _key_pad(dtype)
     scale = LOG2E / math.sqrt(D)
 
