@@ -12,9 +12,11 @@ tokens times the block's query heads share every block of ``KEY_BLOCKS`` keys st
 online softmax over key blocks. Inside a block the ``THREADS`` threads take turns over phases separated by
 barriers: gather the key positions of the block (dense: ``0..pos``; sparse: the static list, then the window),
 stage the keys and values, score every (row, key) pair, update each row's running max and sum, and rescale and
-accumulate every (row, feature) output. Queries, outputs and statistics stay in shared memory, sized for the
-largest tile (``QUERY_TILE`` tokens); the query heads of a GQA group are split over blocks when a whole group
-does not fit the target's shared memory per block (Metal and Vulkan: 32 KB).
+accumulate every (row, feature) output. Staged keys are transposed (``kt[d, key]``), so a warp scoring one row
+against consecutive keys reads consecutive shared-memory words (no bank conflicts). Queries, outputs and
+statistics stay in shared memory, sized for the largest tile (``QUERY_TILE`` tokens); the query heads of a GQA
+group are split over blocks when a whole group does not fit the target's shared memory per block (Metal and
+Vulkan: 32 KB).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def shared_bytes(heads: int, key_block: int, head_dim: int, dtype: str) -> int:
     """Shared memory of one attention block: ``heads`` query heads of a group, ``key_block`` keys a step."""
     item = np.dtype(dtype).itemsize
     per_row = head_dim * (item + 4) + 2 * key_block * 4 + ROW_STATS * 4  # query, fp32 output, s, p, stats
-    per_key = (head_dim + _key_pad(dtype)) * item + head_dim * item + 2 * 4  # key, value, position, slot
+    per_key = 2 * head_dim * item + 2 * 4  # key, value, position, slot
     return QUERY_TILE * heads * per_row + key_block * per_key
 
 
@@ -83,11 +85,6 @@ def for_target(target: Target) -> GpuKernels:
     """The kernels for ``target``, within its shared memory per block (CUDA: the 48 KB of static shared)."""
     limit = target.attrs.get("max_shared_memory_per_block")
     return GpuKernels(int(limit) if limit else CUDA_STATIC_SHARED)
-
-
-def _key_pad(dtype: str) -> int:
-    """Elements appended to each staged key row so that consecutive rows start in different shared banks."""
-    return max(1, 4 // np.dtype(dtype).itemsize)
 
 
 def _item(it, tx):
@@ -146,7 +143,6 @@ def paged_attention(
     HB, KB = block_shape(G, D, dtype, shared_limit)  # query heads per block, keys per step
     SPLIT = G // HB  # blocks per (tile, KV head)
     MR = QUERY_TILE * HB  # most rows (token, head) of one block
-    DK = D + _key_pad(dtype)
     scale = LOG2E / math.sqrt(D)
 
     def load_or_zero(buf, b):
@@ -180,7 +176,7 @@ def paged_attention(
                     T.writes()
                     qs = T.sblock_alloc_buffer((MR, D), dtype, scope="shared")
                     acc = T.sblock_alloc_buffer((MR, D), "float32", scope="shared")
-                    ks = T.sblock_alloc_buffer((KB, DK), dtype, scope="shared")
+                    kt = T.sblock_alloc_buffer((D, KB), dtype, scope="shared")  # keys, transposed
                     vs = T.sblock_alloc_buffer((KB, D), dtype, scope="shared")
                     s = T.sblock_alloc_buffer((MR, KB), "float32", scope="shared")  # scores
                     p = T.sblock_alloc_buffer((MR, KB), "float32", scope="shared")  # probabilities
@@ -227,7 +223,7 @@ def paged_attention(
                             if it * THREADS + tx < KB * D:
                                 page: T.let[T.int32] = kslot[_item(it, tx) // D] // P
                                 at: T.let[T.int32] = kslot[_item(it, tx) // D] % P * D + _item(it, tx) % D
-                                ks[_item(it, tx) // D, _item(it, tx) % D] = pool[layer, page, 0, kh, at]
+                                kt[_item(it, tx) % D, _item(it, tx) // D] = pool[layer, page, 0, kh, at]
                                 vs[_item(it, tx) // D, _item(it, tx) % D] = pool[layer, page, 1, kh, at]
                         T.tvm_storage_sync("shared")
                         # 3. scores of every (row, key) pair, masked past each row's position
@@ -236,7 +232,7 @@ def paged_attention(
                                 dot[0] = T.float32(0)
                                 for d in T.serial(D):
                                     dot[0] = dot[0] + T.Cast("float32", qs[_item(it, tx) // KB, d]) * T.Cast(
-                                        "float32", ks[_item(it, tx) % KB, d]
+                                        "float32", kt[d, _item(it, tx) % KB]
                                     )
                                 s[_item(it, tx) // KB, _item(it, tx) % KB] = T.Select(
                                     kpos[_item(it, tx) % KB] <= row_pos[_item(it, tx) // KB],
