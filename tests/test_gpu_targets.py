@@ -92,6 +92,11 @@ def test_cuda_fatbin_holds_every_entry_points_kernels(cuda_artifact):
     assert "sparse_attention_gpu" in kernels["draft"] and "sparse_attention_gpu" not in kernels["decode"]
     assert "attention_scores_gpu" in kernels["snapkv_scores"]
     assert "kv_append_gpu" in kernels["prefill"]
+    # prefill has its own tiled-GEMM copies of the matmuls; decode, verify and draft keep the GEMV ones
+    prefill_gemms = [k for k in kernels["prefill"] if k.endswith("_prefill")]
+    assert len(prefill_gemms) >= 4
+    assert all(k.rsplit("_prefill", 1)[0] in kernels["verify"] for k in prefill_gemms)
+    assert not any(k.endswith("_prefill") for entry in ("decode", "verify", "draft") for k in kernels[entry])
     entries = fatbin_entries((path / FATBIN_NAME).read_bytes())
     sass = [(sm, payload) for kind, sm, payload in entries if kind == FATBIN_ELF]
     assert [sm for sm, _ in sass] == [89]
