@@ -7,7 +7,8 @@ Mac, then points the artifact's config at the dylib. By hand it is::
     mkdir objs && tar -xf ARTIFACT/model.tar -C objs
     xcrun clang -dynamiclib -undefined dynamic_lookup -o ARTIFACT/model.dylib objs/*.o
 
-(``mlc-magicdec link`` also records the new library's hash, which the runtime checks.)
+``mlc-magicdec link`` runs that link and also records the dylib's name and hash in the artifact's config,
+which the runtime checks.
 """
 
 from __future__ import annotations
