@@ -213,3 +213,15 @@ def test_build_check_names_every_unbound_kernel():
     bound = tvm.IRModule({"kv_append": gpu_attention.kv_append(3, 64, PAGE_SIZE, "float16")})
     assert unbound_kernels(bound) == []
     raise_for_unbound(check_bindings(bound))  # nothing to report
+
+
+def test_dtype_overrides_the_gpu_default(tiny_models, tmp_path):
+    """--dtype float32 on a GPU target: fp32 weights, KV pool and kernels (tiny Llama, GQA, head_dim 16)."""
+    folder, _, _ = tiny_models("llama")
+    path = compile_model(folder, tmp_path / "tiny-cuda-fp32", target="cuda", dtype="float32", quiet=True)
+    config = _config(path)
+    assert config["dtype"] == "float32"
+    records = json.loads((path / "tensor-cache.json").read_text())["records"]
+    assert {p["dtype"] for shard in records for p in shard["records"]} == {"float32"}
+    (_, _, elf), = [e for e in fatbin_entries((path / FATBIN_NAME).read_bytes()) if e[0] == FATBIN_ELF]
+    assert all(f"{k}_kernel".encode() in elf for names in kernel_names(config).values() for k in names)
