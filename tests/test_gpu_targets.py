@@ -225,3 +225,22 @@ def test_dtype_overrides_the_gpu_default(tiny_models, tmp_path):
     assert {p["dtype"] for shard in records for p in shard["records"]} == {"float32"}
     (_, _, elf), = [e for e in fatbin_entries((path / FATBIN_NAME).read_bytes()) if e[0] == FATBIN_ELF]
     assert all(f"{k}_kernel".encode() in elf for names in kernel_names(config).values() for k in names)
+
+
+def test_prebuilt_fatbin_is_served_to_tvms_cuda_loader(monkeypatch):
+    """Loading a CUDA library makes TVM call ``tvm_callback_cuda_compile(source)``; for an artifact's source
+    the runtime answers with its prebuilt fatbin, and hands any other source to TVM's own compiler."""
+    import hashlib
+
+    import tvm_ffi
+
+    from mlc_magicdec.runtime import cuda_kernels
+
+    source = 'extern "C" __global__ void probe_kernel() {}\n'
+    fatbin = b"P\xed\x55\xba fake fatbin"
+    cuda_kernels.serve_fatbin(hashlib.sha256(source.encode()).hexdigest(), fatbin)
+    callback = tvm_ffi.get_global_func(cuda_kernels.CALLBACK)
+    assert bytes(callback(source)) == fatbin
+    compiled = []
+    monkeypatch.setattr(cuda_kernels, "_tvm_compile", lambda code: compiled.append(code) or b"by tvm")
+    assert bytes(callback("other source")) == b"by tvm" and compiled == ["other source"]
