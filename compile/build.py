@@ -7,6 +7,7 @@ interrupted or failed compile never leaves a half-written artifact.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -15,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import tvm
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from tvm import relax
@@ -25,13 +27,16 @@ from ..errors import UserError
 from ..hashing import file_sha256
 from ..runtime.artifact import ARTIFACT_FORMAT, CONFIG_NAME
 from ..schedules import relax_pipeline
+from . import cuda
 from .config import ModelConfig
 from .convert import convert
 from .loaders import load_model
 from .model import LlamaModel
-from .targets import TargetPreset, resolve
+from .targets import GPU_TARGETS, TargetPreset, resolve
 
 LIBRARY_NAME = "model.so"
+METAL_LIBRARY_NAME = "model.tar"  # Metal: objects to link into a dylib on macOS (``mlc-magicdec link``)
+FATBIN_NAME = "model.fatbin"  # CUDA: the kernels as SASS for every requested arch (see compile.cuda)
 TOKENIZER_NAME = "tokenizer.json"
 WEIGHT_SHARD_MB = 32  # shard size of params_shard_*.bin (MLC's default)
 DRAFT_KINDS = ("streamingllm", "snapkv")
@@ -55,10 +60,63 @@ def export_model(cfg: ModelConfig, preset: TargetPreset, dtype: str):
     return model.export_tvm(spec=model.get_spec())
 
 
-def build_library(mod, preset: TargetPreset, path: Path) -> None:
-    """Compile the Relax module with the target's schedules and export the shared library."""
-    executable = relax.build(mod, target=preset.target, relax_pipeline=relax_pipeline(preset.target))
-    executable.export_library(str(path))
+def library_name(preset: TargetPreset) -> str:
+    """The library file of an artifact: a shared library, or (Metal) a tar of objects to link on macOS."""
+    return METAL_LIBRARY_NAME if preset.kind == "metal" else LIBRARY_NAME
+
+
+def entry_kernels(mod: tvm.IRModule) -> dict[str, list[str]]:
+    """For each Relax entry point of a lowered module, the names of the TIR kernels it calls (host-side
+    helpers such as the VM's shape functions are left out)."""
+    prim_funcs = {
+        gv.name_hint
+        for gv, f in mod.functions.items()
+        if isinstance(f, tvm.tirx.PrimFunc) and not (f.attrs and f.attrs.get("tirx.is_host_func"))
+    }
+    kernels: dict[str, list[str]] = {}
+    for gv, func in mod.functions.items():
+        if not isinstance(func, relax.Function):
+            continue
+        called: set[str] = set()
+
+        def visit(expr, called=called):
+            if isinstance(expr, relax.Call):
+                for callee in (expr.op, *expr.args):
+                    if isinstance(callee, tvm.ir.GlobalVar) and callee.name_hint in prim_funcs:
+                        called.add(callee.name_hint)
+
+        relax.analysis.post_order_visit(func.body, visit)
+        kernels[gv.name_hint] = sorted(called)
+    return kernels
+
+
+def build_library(mod, preset: TargetPreset, folder: Path) -> dict:
+    """Compile the Relax module with the target's schedules and write the library into ``folder``.
+
+    Returns what the artifact config records about it: the library's name, the kernels of each entry point,
+    and for CUDA the fatbin (compiled here with nvcc) and the hash of the CUDA source it was compiled from.
+    """
+    gpu = preset.kind in GPU_TARGETS
+    # TIR's common-subexpression elimination hides from TVM's barrier planner that the GPU attention
+    # kernels' shared-memory indices depend on threadIdx (see schedules.gpu_attention); nvcc and Metal do
+    # their own CSE.
+    config = {"tirx.disable_cse_tir": True} if gpu else {}
+    with tvm.transform.PassContext(config=config):
+        with preset.target:
+            mod = relax_pipeline(preset.target)(mod)
+        if gpu:
+            from ..schedules.gpu import raise_for_unbound
+
+            raise_for_unbound(mod)
+        executable = relax.build(mod, target=preset.target, relax_pipeline=None)
+    info = {"library": library_name(preset), "kernels": entry_kernels(mod)}
+    if preset.kind == "cuda":
+        source = cuda.cuda_source(executable.mod)
+        (folder / FATBIN_NAME).write_bytes(cuda.compile_fatbin(source, preset.archs, preset.target))
+        info["fatbin"] = FATBIN_NAME
+        info["cuda_source_sha256"] = hashlib.sha256(source.encode()).hexdigest()
+    executable.export_library(str(folder / info["library"]))
+    return info
 
 
 def compile_model(
@@ -68,6 +126,7 @@ def compile_model(
     target: str = "llvm",
     dtype: str | None = None,
     cpu: str | None = None,
+    arch: str | list[str] | None = None,
     drafts: tuple[str, ...] = (),
     budget: int | None = None,
     force: bool = False,
@@ -82,7 +141,7 @@ def compile_model(
             raise CompileError(f"unknown draft {draft!r}; choose from: {', '.join(DRAFT_KINDS)}")
     if budget is not None and budget < 1:
         raise CompileError(f"--budget must be a positive number of tokens, got {budget}")
-    preset = resolve(target, cpu=cpu)
+    preset = resolve(target, cpu=cpu, arch=arch)
     dtype = dtype or preset.default_dtype
     if dtype not in ("float32", "float16"):
         raise CompileError(f"unsupported dtype {dtype!r}; use float32 or float16")
@@ -116,7 +175,7 @@ def compile_model(
                     show_progress=False,
                 )
             with step(f"building library for {preset.kind}"):
-                build_library(mod, preset, tmp / LIBRARY_NAME)
+                library = build_library(mod, preset, tmp)
             (tmp / TOKENIZER_NAME).write_text(loaded.tokenizer_json)
             config = {
                 "format": ARTIFACT_FORMAT,
@@ -125,14 +184,16 @@ def compile_model(
                 "source": str(model_path),
                 "dtype": dtype,
                 "target": preset.describe(),
-                "library": LIBRARY_NAME,
+                "library": library["library"],
                 "param_names": names,
                 "drafts": list(drafts),
                 "draft_budget": budget,
                 "hashes": {
-                    "library": file_sha256(tmp / LIBRARY_NAME),
+                    "library": file_sha256(tmp / library["library"]),
                     "weights": file_sha256(tmp / "tensor-cache.json"),
+                    **({"fatbin": file_sha256(tmp / library["fatbin"])} if "fatbin" in library else {}),
                 },
+                **{key: value for key, value in library.items() if key != "library"},
                 "compile_seconds": timings,
             }
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import tvm
 from tvm.target import Target
@@ -12,6 +13,35 @@ from ..errors import UserError
 
 GPU_TARGETS = ("cuda", "metal", "vulkan")
 TARGETS = ("llvm", *GPU_TARGETS)
+GPU_DTYPE = "float16"  # weights and KV on GPU targets unless --dtype says otherwise
+DEFAULT_CUDA_ARCH = "sm_89"  # RTX 4090 (Ada), when no GPU is here to detect
+MIN_CUDA_ARCH = 75  # the oldest arch nvcc 13 still builds
+_ARCH_PATTERN = re.compile(r"(?:sm_)?(\d{2,3})([af]?)")
+# Apple GPUs: 32 KB of threadgroup memory, 32-wide SIMD groups (MLC-LLM's preset); host code for arm64 macOS.
+METAL_ATTRS = {
+    "kind": "metal",
+    "max_threads_per_block": 256,
+    "max_shared_memory_per_block": 32768,
+    "thread_warp_size": 32,
+}
+METAL_HOST = {"kind": "llvm", "mtriple": "arm64-apple-darwin"}
+# MLC-LLM's Vulkan preset: fp16 arithmetic, 8/16-bit storage buffers, no warp-level assumptions.
+VULKAN_ATTRS = {
+    "kind": "vulkan",
+    "max_threads_per_block": 256,
+    "max_shared_memory_per_block": 32768,
+    "thread_warp_size": 1,
+    "supports_float16": True,
+    "supports_int16": True,
+    "supports_int8": True,
+    "supports_8bit_buffer": True,
+    "supports_16bit_buffer": True,
+    "supports_storage_buffer_storage_class": True,
+}
+VULKAN_MISSING = (
+    "--target vulkan needs a TVM built with USE_VULKAN=ON (SPIR-V codegen), which the PyPI apache-tvm "
+    "wheel lacks; install such a build (e.g. MLC-LLM's TVM wheels) or use --target cuda, metal or llvm"
+)
 
 
 class TargetError(UserError, ValueError):
@@ -26,9 +56,13 @@ class TargetPreset:
     target: Target
     device: str  # "cpu", "cuda:0", "metal:0", "vulkan:0"
     default_dtype: str
+    archs: tuple[str, ...] = ()  # CUDA: every arch of the fatbin ("sm_89", ...)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "target": str(self.target), "device": self.device}
+        info = {"kind": self.kind, "target": str(self.target), "device": self.device}
+        if self.archs:
+            info["archs"] = list(self.archs)
+        return info
 
 
 def host_llvm(cpu: str | None = None) -> Target:
@@ -42,15 +76,74 @@ def host_llvm(cpu: str | None = None) -> Target:
     return Target({"kind": "llvm", "mtriple": triple, "mcpu": mcpu, "num-cores": os.cpu_count() or 1})
 
 
-def resolve(kind: str, *, cpu: str | None = None) -> TargetPreset:
-    """The preset for ``kind``; raises TargetError (one line) for kinds this build cannot produce."""
+def resolve(
+    kind: str, *, cpu: str | None = None, arch: str | list[str] | tuple[str, ...] | None = None
+) -> TargetPreset:
+    """The preset for ``kind``; raises TargetError (one line) for kinds this build cannot produce.
+
+    ``arch`` (CUDA only): one compute capability or a list (``"80,89"``, ``["sm_80", "89"]``) for a
+    multi-arch fatbin. Without it, the arch of this machine's GPU 0, or ``DEFAULT_CUDA_ARCH``.
+    """
+    if arch is not None and kind != "cuda":
+        raise TargetError(f"--arch applies to --target cuda only, not to --target {kind}")
     if kind == "llvm":
         return TargetPreset("llvm", host_llvm(cpu), "cpu", "float32")
-    if kind in GPU_TARGETS:
-        raise TargetError(
-            f"--target {kind} is not available in this release yet; use --target llvm (CPU) for now"
-        )
+    if cpu is not None and kind in GPU_TARGETS:
+        raise TargetError(f"--cpu applies to --target llvm only, not to --target {kind}")
+    if kind == "cuda":
+        archs = parse_archs(arch) if arch is not None else (detect_cuda_arch() or DEFAULT_CUDA_ARCH,)
+        # Codegen targets the oldest arch, so that every kernel is valid on each card of the fatbin.
+        oldest = min(archs, key=_arch_number)
+        target = Target({"kind": "cuda", "arch": oldest}, host=_gpu_host())
+        return TargetPreset("cuda", target, "cuda:0", GPU_DTYPE, archs)
+    if kind == "metal":
+        return TargetPreset("metal", Target(METAL_ATTRS, host=METAL_HOST), "metal:0", GPU_DTYPE)
+    if kind == "vulkan":
+        if tvm.get_global_func("target.build.vulkan", allow_missing=True) is None:
+            raise TargetError(VULKAN_MISSING)
+        return TargetPreset("vulkan", Target(VULKAN_ATTRS, host=_gpu_host()), "vulkan:0", GPU_DTYPE)
     raise TargetError(f"unknown target {kind!r}; choose one of: {', '.join(TARGETS)}")
+
+
+def _arch_number(arch: str) -> int:
+    return int(re.sub(r"\D", "", arch))
+
+
+def parse_archs(arch: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``"80,89"`` / ``["sm_80", "89"]`` to ``("sm_80", "sm_89")``; raises TargetError on a bad entry."""
+    items = arch.split(",") if isinstance(arch, str) else list(arch)
+    archs = []
+    for item in (str(i).strip() for i in items):
+        match = _ARCH_PATTERN.fullmatch(item)
+        if not match or int(match.group(1)) < MIN_CUDA_ARCH:
+            raise TargetError(
+                f"--arch {item!r} is not a CUDA compute capability this nvcc builds; "
+                f"give numbers such as 80,86,89,90 (sm_{MIN_CUDA_ARCH} or newer)"
+            )
+        name = f"sm_{match.group(1)}{match.group(2)}"
+        if name not in archs:
+            archs.append(name)
+    if not archs:
+        raise TargetError("--arch is empty; give compute capabilities such as 89 or 80,86,89,90")
+    return tuple(archs)
+
+
+def detect_cuda_arch() -> str | None:
+    """``sm_XY`` of this machine's CUDA GPU 0, or None without a GPU (or without a CUDA driver)."""
+    try:
+        dev = tvm.runtime.cuda(0)
+        if not dev.exist:
+            return None
+        return "sm_" + dev.compute_version.replace(".", "")
+    except Exception:  # noqa: BLE001 - no driver or no CUDA runtime: no GPU to detect
+        return None
+
+
+def _gpu_host() -> dict:
+    """The host target of a GPU library: this machine's triple, a generic CPU (the user's may differ)."""
+    from tvm.target import codegen
+
+    return {"kind": "llvm", "mtriple": codegen.llvm_get_system_triple().replace("-conda-", "-unknown-")}
 
 
 def device_from_string(device: str) -> tvm.runtime.Device:

@@ -91,9 +91,19 @@ def _compile_options(fn):
             show_default=True,
             help="Hardware target: llvm (CPU), cuda, metal or vulkan.",
         ),
-        click.option("--dtype", default=None, help="Weight and KV dtype (default: float32 on CPU)."),
+        click.option(
+            "--dtype",
+            default=None,
+            help="Weight and KV dtype: float32 or float16 (default: float32 on CPU, float16 on GPUs).",
+        ),
         click.option(
             "--cpu", default=None, help="LLVM CPU name for --target llvm (default: this machine's)."
+        ),
+        click.option(
+            "--arch",
+            default=None,
+            help="CUDA compute capabilities, e.g. 89 or 80,86,89,90 for a multi-arch fatbin "
+            "(default: this machine's GPU, else 89).",
         ),
         click.option(
             "--draft",
@@ -128,6 +138,7 @@ def compile_cmd(
     target: str,
     dtype: str | None,
     cpu: str | None,
+    arch: str | None,
     drafts: tuple[str, ...],
     budget: int | None,
     force: bool,
@@ -137,9 +148,27 @@ def compile_cmd(
 
     path = _model_path(model)
     out = compile_model(
-        path, output, target=target, dtype=dtype, cpu=cpu, drafts=drafts, budget=budget, force=force
+        path,
+        output,
+        target=target,
+        dtype=dtype,
+        cpu=cpu,
+        arch=arch,
+        drafts=drafts,
+        budget=budget,
+        force=force,
     )
     click.echo(out)
+
+
+@main.command("link")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@_one_line_errors
+def link_cmd(artifact: Path) -> None:
+    """Link a Metal ARTIFACT's objects (model.tar) into model.dylib; run it on the Mac."""
+    from .compile.link import link_metal
+
+    click.echo(link_metal(artifact))
 
 
 def _model_path(model: str) -> Path:

@@ -16,6 +16,7 @@ from ..compile.config import ModelConfig
 from ..compile.targets import TargetError, device_from_string
 from ..errors import UserError
 from ..hashing import file_sha256
+from .cuda_kernels import serve_fatbin
 
 CONFIG_NAME = "mlc-magicdec-config.json"
 ARTIFACT_FORMAT = 1  # bump whenever the library's functions or the pool layout change
@@ -79,19 +80,31 @@ class Artifact:
             hashes = config["hashes"]
         except (ValueError, KeyError, TypeError) as e:
             raise ArtifactError(f"{cfg_path} is corrupt ({e}); compile the model again") from None
-        for name, file in (("library", library), ("weights", path / "tensor-cache.json")):
+        try:
+            device = device_from_string(config["target"]["device"])
+        except (KeyError, TypeError) as e:
+            raise ArtifactError(f"{cfg_path} is corrupt ({e}); compile the model again") from None
+        except TargetError as e:
+            raise ArtifactError(str(e)) from None
+        if library.suffix == ".tar":
+            raise ArtifactError(
+                f"{library} holds unlinked Metal objects; link them on this Mac first: "
+                f"mlc-magicdec link {path}"
+            )
+        files = [("library", library), ("weights", path / "tensor-cache.json")]
+        if "fatbin" in config:
+            files.append(("fatbin", path / config["fatbin"]))
+        for name, file in files:
             if not file.is_file():
                 raise ArtifactError(f"{file} is missing; compile the model again")
-            if file_sha256(file) != hashes[name]:
+            if file_sha256(file) != hashes.get(name):
                 raise ArtifactError(
                     f"{file.name} does not match the artifact's recorded hash "
                     f"(library and weights come from different compiles); compile again"
                 )
         _check_shards(path)
-        try:
-            device = device_from_string(config["target"]["device"])
-        except TargetError as e:
-            raise ArtifactError(str(e)) from None
+        if "fatbin" in config:
+            serve_fatbin(config["cuda_source_sha256"], (path / config["fatbin"]).read_bytes())
         try:
             vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), device)
             cache, _ = tvmjs.load_tensor_cache(str(path), device)

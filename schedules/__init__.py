@@ -6,16 +6,19 @@ from types import ModuleType
 
 from tvm.target import Target
 
-from ..compile.targets import TargetError
+from ..compile.targets import GPU_TARGETS, TargetError
+from . import gpu_attention
 
 
-def attention_kernels(target: Target) -> ModuleType:
-    """The module providing ``kv_append`` and ``paged_attention`` kernel generators for ``target``."""
+def attention_kernels(target: Target) -> ModuleType | gpu_attention.GpuKernels:
+    """The ``kv_append``, ``paged_attention`` and ``attention_scores`` kernel generators for ``target``."""
     kind = target.kind.name
     if kind == "llvm":
         from . import cpu_attention
 
         return cpu_attention
+    if kind in GPU_TARGETS:
+        return gpu_attention.for_target(target)
     raise TargetError(f"no attention kernels for target {kind!r} in this release; use --target llvm")
 
 
@@ -26,4 +29,8 @@ def relax_pipeline(target: Target):
         from . import cpu
 
         return cpu.pipeline(target)
+    if kind in GPU_TARGETS:
+        from . import gpu
+
+        return gpu.pipeline(target)
     raise TargetError(f"no schedules for target {kind!r} in this release; use --target llvm")

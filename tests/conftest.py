@@ -41,13 +41,18 @@ def smollm2_gguf() -> Path:
     return fetch_model("smollm2", quiet=True)
 
 
+TARGET_ENV = "MLC_MAGICDEC_TEST_TARGET"  # e.g. "cuda": the SmolLM2 tests (lossless, ...) run on that device
+
+
 @pytest.fixture(scope="session")
 def smollm2_artifact(smollm2_gguf, tmp_path_factory) -> Path:
-    """SmolLM2 compiled for this CPU, once per session."""
+    """SmolLM2 compiled once per session for this CPU, or for ``$MLC_MAGICDEC_TEST_TARGET`` (e.g. ``cuda``
+    with its default float16; the GPU check script sets it), so that the same tests run on that device."""
     from mlc_magicdec.compile.build import compile_model
 
+    target = os.environ.get(TARGET_ENV, "llvm")
     return compile_model(smollm2_gguf, tmp_path_factory.mktemp("smollm2-artifact") / "smollm2",
-                         target="llvm", quiet=True)
+                         target=target, quiet=True)
 
 
 # ------------------------------------------------------------------------------------------------------

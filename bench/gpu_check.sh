@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU check (issue #4): on a machine with an NVIDIA GPU, in well under 8 minutes,
+#   1. compile SmolLM2-135M for this GPU (--target cuda detects the arch; fp16 weights and KV),
+#   2. run the lossless tests on CUDA (the SmolLM2 test artifact is compiled for cuda and runs on cuda:0),
+#   3. a short MagicDec benchmark: batch 1, 8, 32, 64 at 4k and 8k context, fp16.
+# Everything it prints goes to bench/results/gpu/ (gpu_check.log, magicdec_cuda.{txt,json,png}).
+# Usage: bench/gpu_check.sh            (env: ARTIFACT=folder to keep the compiled artifact, PYTHON=python)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=bench/results/gpu
+mkdir -p "$out"
+art=${ARTIFACT:-$(mktemp -d)/smollm2-cuda}
+python=${PYTHON:-python}
+
+if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
+  echo "gpu_check: no NVIDIA GPU here (nvidia-smi finds none); run this on a machine with one" >&2
+  exit 2
+fi
+exec > >(tee "$out/gpu_check.log") 2>&1
+nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv
+git rev-parse --short HEAD 2>/dev/null || true
+start=$(date +%s)
+
+echo "== 1. compile SmolLM2 for this GPU"
+/usr/bin/time -f "compile %e s (wall)" mlc-magicdec compile smollm2 --target cuda -o "$art" --force
+$python - "$art" <<'PY'
+import json, sys
+c = json.load(open(f"{sys.argv[1]}/mlc-magicdec-config.json"))
+print("target", c["target"]["archs"], c["dtype"], "steps (s):", c["compile_seconds"])
+PY
+
+echo "== 2. lossless tests on CUDA"
+MLC_MAGICDEC_TEST_TARGET=cuda $python -m pytest -q -p no:cacheprovider tests/test_lossless.py
+
+echo "== 3. MagicDec benchmark (fp16, batch 1/8/32/64, context 4k/8k)"
+mlc-magicdec bench "$art" --batch 1,8,32,64 --context 4096,8192 --new-tokens 64 --draft snapkv,streamingllm \
+  --budget 256 --gamma 1,2,3,4 --repeats 5 --json "$out/magicdec_cuda.json" --plot "$out/magicdec_cuda_speedup.png" \
+  | tee "$out/magicdec_cuda.txt"
+
+echo "gpu_check: done in $(( $(date +%s) - start )) s"

@@ -1,0 +1,201 @@
+"""GPU (CUDA, Metal, Vulkan) schedule rules, the Relax pipeline that applies them, and the binding check.
+
+Rules are TVM dlight ``ScheduleRule``s, tried in order on every fused TIR function:
+
+- ``TiledMatmul`` (prefill only): the matmuls that ``prefill`` calls, with hundreds to thousands of token
+  rows, are cloned for it (``specialize_prefill``) and scheduled as shared-memory tiled GEMMs: dlight's
+  generic ``gpu.Matmul`` schedule without its tensor-core path, which segfaults in ``Tensorize`` for sm_89
+  and Metal in TVM 0.27 (and without vector loads off CUDA, which Metal's storage rewrite rejects).
+- ``LowBatchGEMV``: every other matmul. Weights are stored ``[in, out]`` (``out`` contiguous), which
+  dlight handles as an *outer* reduction: threads of a warp own adjacent output columns and read each weight
+  row as one coalesced run, while the reduction over ``in`` is split across threads and merged in shared
+  memory. The symbolic token count ``n`` is padded to a bucket of ``GEMV_BUCKET`` rows that share every weight
+  read, so one kernel serves decode and draft (``n`` = batch, a GEMV) and verify (``n`` = batch x (gamma+1),
+  a small-M GEMM reading the weights ``n / GEMV_BUCKET`` times).
+- ``Reduction``, ``GeneralReduction``: RMSNorm and row reductions, one block per row (dlight's ``RMSNorm``
+  rule fails on a 2-D norm with a symbolic row count in TVM 0.27).
+- ``Transpose``, then ``Fallback``: everything else (RoPE, SiLU, embedding gather, casts) is elementwise and
+  gets bound to blocks and threads.
+
+The attention kernels (``gpu_attention``) arrive already scheduled. TVM 0.27 silently compiles a kernel
+that no rule scheduled as *host* code, so ``check_bindings`` runs right after scheduling and the build
+driver fails (``raise_for_unbound``), naming every kernel without a thread binding.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.target import Target
+
+from ..errors import UserError
+
+BINDING_MARKERS = ("T.thread_binding(", "T.launch_thread(", "T.env_thread(")
+UNBOUND_ATTR = "mlc_magicdec.unbound_kernels"
+GEMV_BUCKET = 4  # rows of the token axis that share each weight read (dlight's outer-reduction GEMV limit)
+PREFILL = "prefill"  # the entry point whose matmuls get TiledMatmul
+GENERIC_GEMM_TARGET = Target({"kind": "cuda", "arch": "sm_60"})  # selects dlight's untensorized GEMM
+CUDA_VECTOR = 2  # elements per vector load of the GEMM's shared-memory copies on CUDA (off CUDA: 1)
+
+
+class UnboundKernelError(UserError, RuntimeError):
+    """A device kernel that no schedule rule bound to GPU threads (it would silently run as host code)."""
+
+
+class TiledMatmul(dl.gpu.Matmul):
+    """dlight's shared-memory tiled GEMM for a symbolic row count, never tensorized (see module docstring)."""
+
+    def __init__(self, vector_size: int):
+        self.vector_size = vector_size
+
+    def get_configs(self, target: Target) -> dl.gpu.Matmul.Config:
+        config = super().get_configs(target)
+        config.vector_size = self.vector_size
+        return config
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        try:  # a CUDA target before tensor cores selects the generic schedule, with CUDA's tile sizes
+            return super().apply(func, GENERIC_GEMM_TARGET, tunable)
+        except (tvm.TVMError, ValueError):
+            return None
+
+
+def tiled_matmul(target: Target) -> TiledMatmul:
+    return TiledMatmul(CUDA_VECTOR if target.kind.name == "cuda" else 1)
+
+
+@relax.expr_functor.mutator
+class _Redirect(relax.PyExprMutator):
+    """Point ``call_tir``s at replacement kernels (``mapping``: old kernel name -> new GlobalVar)."""
+
+    def __init__(self, mod: tvm.ir.IRModule):
+        super().__init__(mod)
+        self.mapping: dict[str, tvm.ir.GlobalVar] = {}
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = self.visit_expr_post_order(call)
+        callee = call.args[0] if call.args else None
+        if isinstance(callee, tvm.ir.GlobalVar) and callee.name_hint in self.mapping:
+            args = [self.mapping[callee.name_hint], *call.args[1:]]
+            return relax.Call(call.op, args, call.attrs, call.ty_args)
+        return call
+
+
+def called_kernels(mod: tvm.ir.IRModule, entry: str) -> list[tvm.ir.GlobalVar]:
+    """The TIR functions that the Relax function ``entry`` calls (``call_tir`` and friends)."""
+    called: dict[str, tvm.ir.GlobalVar] = {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and expr.args and isinstance(expr.args[0], tvm.ir.GlobalVar):
+            if isinstance(mod[expr.args[0]], tirx.PrimFunc):
+                called[expr.args[0].name_hint] = expr.args[0]
+
+    relax.analysis.post_order_visit(mod[entry].body, visit)
+    return [called[name] for name in sorted(called)]
+
+
+def specialize_prefill(target: Target) -> tvm.transform.Pass:
+    """Give ``prefill`` its own copies of the matmul kernels, scheduled by ``TiledMatmul`` (named
+    ``<kernel>_prefill``); the other entry points keep the originals, scheduled for few rows."""
+
+    @tvm.transform.module_pass(opt_level=0, name="SpecializePrefillMatmuls")
+    def _specialize(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
+        if PREFILL not in [gv.name_hint for gv in mod.get_global_vars()]:
+            return mod
+        rule, redirect = tiled_matmul(target), _Redirect(mod)
+        for gv in called_kernels(mod, PREFILL):
+            func = mod[gv]
+            if func.attrs and func.attrs.get("tirx.is_scheduled"):
+                continue
+            sch = rule.apply(func, target, False)
+            if sch is not None:
+                scheduled = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                redirect.mapping[gv.name_hint] = redirect.builder_.add_func(
+                    scheduled, f"{gv.name_hint}_{PREFILL}"
+                )
+        entry = mod.get_global_var(PREFILL)
+        redirect.builder_.update_func(entry, redirect.visit_expr(mod[entry]))
+        return redirect.builder_.get()
+
+    return _specialize
+
+
+def rules() -> list[ScheduleRule]:
+    return [
+        dl.gpu.LowBatchGEMV(GEMV_BUCKET),
+        dl.gpu.GEMV(),
+        dl.gpu.Reduction(),
+        dl.gpu.GeneralReduction(),
+        dl.gpu.Transpose(),
+        dl.gpu.Fallback(),
+    ]
+
+
+def has_thread_binding(func: tirx.PrimFunc) -> bool:
+    """Whether ``func`` binds a loop to ``blockIdx``/``threadIdx`` (or already launches GPU threads).
+
+    TVM 0.27 exposes no TIR visitor to Python, so this reads the function's TVMScript.
+    """
+    text = func.script()
+    return any(marker in text for marker in BINDING_MARKERS)
+
+
+def unbound_kernels(mod: tvm.ir.IRModule) -> list[str]:
+    """Names of the module's TIR functions (all device kernels at this stage) without a thread binding."""
+    return sorted(
+        gv.name_hint
+        for gv, func in mod.functions.items()
+        if isinstance(func, tirx.PrimFunc) and not has_thread_binding(func)
+    )
+
+
+@tvm.transform.module_pass(opt_level=0, name="CheckThreadBindings")
+def check_bindings(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
+    """Record, in the module attribute ``UNBOUND_ATTR``, the device kernels without thread bindings.
+
+    The pass only records them (an exception raised inside a TVM pass loses its type); the build driver
+    calls ``raise_for_unbound`` on the pipeline's result.
+    """
+    missing = unbound_kernels(mod)
+    return mod.with_attr(UNBOUND_ATTR, missing) if missing else mod
+
+
+def raise_for_unbound(mod: tvm.ir.IRModule) -> None:
+    """Fail the build, naming every kernel that ``check_bindings`` found without thread bindings."""
+    missing = list(mod.attrs[UNBOUND_ATTR]) if mod.attrs and UNBOUND_ATTR in mod.attrs else []
+    if missing:
+        raise UnboundKernelError(
+            f"{len(missing)} GPU kernel(s) have no thread bindings and would run as host code: "
+            f"{', '.join(missing)}; add a schedule rule for them in schedules/gpu.py"
+        )
+
+
+def pipeline(target: Target) -> tvm.transform.Pass:
+    """The Relax pipeline for GPU targets: TVM's CUDA passes with our rules and the binding check."""
+    from tvm.relax.backend.cuda import pipeline as gpu
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(
+                gpu.library_dispatch_passes(target)
+                + [
+                    relax.transform.LegalizeOps(),
+                    relax.transform.AnnotateTIROpPattern(),
+                    relax.transform.FoldConstant(),
+                    relax.transform.FuseOps(),
+                    relax.transform.FuseTIR(),
+                    specialize_prefill(target),
+                    dl.ApplyDefaultSchedule(*rules()),
+                    check_bindings,
+                ]
+                + gpu.dataflow_lower_passes(target)
+                + gpu.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
