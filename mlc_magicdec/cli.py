@@ -19,6 +19,7 @@ TABLE_WIDTH = 160  # tables are printed this wide when the output is not a termi
 out = Console(width=None if Console().is_terminal else TABLE_WIDTH)
 DEMO_PROMPT = "pride_and_prejudice_ch1-3.txt"
 BENCH_TEXT = "persuasion.txt"
+PROFILE_TOP = 12  # kernels listed per profiled step
 DEFAULT_MODEL = "smollm2"
 
 
@@ -348,7 +349,18 @@ def _print_stats(results) -> None:
 @click.option(
     "--peers",
     is_flag=True,
-    help="Instead: plain decoding, ours against transformers (CPU, fp32), same prompts and threads.",
+    help="Instead: decoding tokens/s of ours (plain and MagicDec with the first --draft/--budget/--gamma) "
+    "against transformers and llama.cpp (if installed), same prompts and threads.",
+)
+@click.option(
+    "--roofline",
+    is_flag=True,
+    help="Instead: measure memory bandwidth and matmul FLOP/s, and print the tokens/s they allow.",
+)
+@click.option(
+    "--profile",
+    is_flag=True,
+    help="Instead: time every kernel of a decode, verify (first --gamma) and draft step (first --budget).",
 )
 @_one_line_errors
 def bench_cmd(
@@ -365,6 +377,8 @@ def bench_cmd(
     json_path,
     plot_path,
     peers,
+    roofline,
+    profile,
 ) -> None:
     """MagicDec benchmark: T_D, T_V, accepted length, T_SD, T_AR and speedup over a batch x context grid."""
     import json
@@ -372,14 +386,22 @@ def bench_cmd(
     from .bench import magicdec, report
     from .runtime.engine import Engine
 
-    if peers:
-        _bench_peers(artifact, batches, contexts, new_tokens, repeats, texts, threads, json_path)
-        return
-
+    if sum((peers, roofline, profile)) > 1:
+        raise UserError("choose one of --peers, --roofline and --profile")
     kinds = [d.strip() for d in drafts.split(",") if d.strip()]
     for kind in kinds:
         if kind not in ("snapkv", "streamingllm"):
             raise UserError(f"unknown draft {kind!r}; choose from snapkv, streamingllm")
+    if peers:
+        settings = _peer_settings(new_tokens, repeats, kinds, budgets, gammas)
+        _bench_peers(artifact, batches, contexts, settings, texts, threads, json_path)
+        return
+    if roofline:
+        _bench_roofline(artifact, batches, contexts, threads, json_path)
+        return
+    if profile:
+        _bench_profile(artifact, batches, contexts, gammas[0], budgets[0], repeats, threads, json_path)
+        return
     cfg = magicdec.BenchConfig(batches, contexts, gammas, kinds, budgets, new_tokens, repeats)
     sources = _bench_texts(texts)
     engine = Engine(artifact, threads=threads)
@@ -402,23 +424,124 @@ def _bench_texts(paths) -> list[str]:
     ]
 
 
-def _bench_peers(artifact, batches, contexts, new_tokens, repeats, texts, threads, json_path) -> None:
+def _peer_settings(new_tokens, repeats, kinds, budgets, gammas):
+    from .bench.peers import PeerSettings
+
+    if new_tokens < 2:
+        raise UserError("--new-tokens must be at least 2 for a decode timing")
+    return PeerSettings(new_tokens, repeats, kinds[0], budgets[0], gammas[0])
+
+
+def _bench_peers(artifact, batches, contexts, settings, texts, threads, json_path) -> None:
     import json
 
-    from .bench import magicdec, peers, report
+    from .bench import magicdec, peers, report, roofline
     from .runtime.engine import Engine
 
     sources = _bench_texts(texts)
     engine = Engine(artifact, threads=threads)
     header = report.header(engine, " ".join(sys.argv))
     out.print(header, highlight=False)
-    cells = {(b, c): magicdec.prompts_for(engine, sources, c, b) for b in batches for c in contexts}
-    rows = peers.compare(
-        engine, cells, new_tokens, repeats, progress=lambda m: console.print(f"[dim]{m}[/dim]")
-    )
-    out.print(report.peers_table(rows, peers.ratios(rows)))
+    console.print("[dim]measuring memory bandwidth[/dim]")
+    machine = roofline.measure(engine.threads)
+    cells = {
+        (b, c): magicdec.prompts_for(engine, sources, c - settings.new_tokens, b)
+        for b in batches
+        for c in contexts
+    }
+    rows, notes = peers.compare(engine, cells, settings, progress=lambda m: console.print(f"[dim]{m}[/dim]"))
+    peers.add_ratios(rows)
+    dtype_bytes = _dtype_bytes(engine.artifact.dtype)
+    fractions = {
+        (r["batch"], r["context"]): roofline.bandwidth_fraction(
+            engine.config,
+            r["batch"],
+            r["context"] - settings.new_tokens // 2,  # the mean KV length over the decode
+            dtype_bytes,
+            r["batch"] / r["decode_tok_s"],
+            machine.bandwidth_median,
+        )
+        for r in rows
+        if r["system"] == peers.OURS_PLAIN
+    }
+    out.print(report.peers_table(rows, fractions))
+    for line in notes + peers.target_lines(rows, fractions):
+        out.print(line, highlight=False)
     if json_path:
-        json_path.write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+        json_path.write_text(
+            json.dumps(
+                {
+                    "header": header,
+                    "machine": vars(machine),
+                    "rows": rows,
+                    "bandwidth_fraction": [[b, c, f] for (b, c), f in fractions.items()],
+                    "notes": notes,
+                },
+                indent=2,
+            )
+        )
+
+
+def _dtype_bytes(dtype: str) -> int:
+    import numpy as np
+
+    return np.dtype(dtype).itemsize
+
+
+def _bench_roofline(artifact, batches, contexts, threads, json_path) -> None:
+    import json
+
+    from .bench import report, roofline
+    from .runtime.artifact import Artifact
+    from .runtime.threads import configure_threads
+
+    threads = configure_threads(threads)
+    art = Artifact.load(artifact)
+    out.print(
+        f"command: {' '.join(sys.argv)} | model: {art.config.get('source', '?')} ({art.dtype}) | "
+        f"threads: {threads}",
+        highlight=False,
+    )
+    machine = roofline.measure(threads)
+    rows = roofline.roofline_rows(
+        art.model, batches, contexts, _dtype_bytes(art.dtype), machine.bandwidth_median
+    )
+    out.print(report.roofline_table(machine, rows))
+    if json_path:
+        json_path.write_text(json.dumps({"machine": vars(machine), "rows": rows}, indent=2))
+
+
+def _bench_profile(artifact, batches, contexts, gamma, budget, repeats, threads, json_path) -> None:
+    import json
+
+    from .bench import profile, report
+    from .runtime.engine import Engine
+
+    engine = Engine(artifact, threads=threads)
+    out.print(report.header(engine, " ".join(sys.argv)), highlight=False)
+    results = []
+    for batch in batches:
+        for context in contexts:
+            for step in profile.STEPS:
+                kernels, wall = profile.profile_step(engine, step, batch, context, gamma, budget, repeats)
+                label = {
+                    "decode": "decode",
+                    "verify": f"verify (gamma {gamma})",
+                    "draft": f"draft ({budget})",
+                }
+                title = f"{label[step]}, batch {batch} x {context}"
+                out.print(report.profile_table(title, kernels, wall, PROFILE_TOP))
+                results.append(
+                    {
+                        "step": step,
+                        "batch": batch,
+                        "context": context,
+                        "step_seconds": wall,
+                        "kernels": [vars(k) for k in kernels],
+                    }
+                )
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2))
 
 
 def _is_current(artifact: Path) -> bool:
