@@ -7,7 +7,8 @@ A decode step reads every weight once and each sequence's KV cache once, so the 
   counting 3 array passes of bytes (two reads, one write), timed with numpy over ``threads`` threads (one
   contiguous slice per thread, numpy releases the GIL in ufuncs; ``s * c`` goes through a small buffer
   that stays in cache, so memory sees exactly the triad's traffic).
-- **FLOP/s** is an fp32 matmul (numpy's BLAS) of ``MATMUL_SIZE`` square matrices.
+- **FLOP/s** is an fp32 matmul of ``MATMUL_SIZE`` square matrices (torch's BLAS on ``threads`` threads when
+  torch is installed, else numpy's).
 """
 
 from __future__ import annotations
@@ -74,23 +75,36 @@ def triad_bandwidth(
     return rates
 
 
-def matmul_flops(size: int = MATMUL_SIZE, repeats: int = MATMUL_REPEATS) -> float:
-    """Best fp32 FLOP/s of ``size``-square matmuls (numpy's BLAS, which uses its own thread setting)."""
+def matmul_flops(threads: int, size: int = MATMUL_SIZE, repeats: int = MATMUL_REPEATS) -> float:
+    """Best fp32 FLOP/s of ``size``-square matmuls: torch (MKL/oneDNN) on ``threads`` threads if installed,
+    else numpy's BLAS (with its own thread count)."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
     rng = np.random.default_rng(0)
     x = rng.standard_normal((size, size), dtype=np.float32)
     y = rng.standard_normal((size, size), dtype=np.float32)
-    x @ y
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    if torch is not None:
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+    try:
         x @ y
-        times.append(time.perf_counter() - t0)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - t0)
+    finally:
+        if torch is not None:
+            torch.set_num_threads(saved)
     return 2 * size**3 / min(times)
 
 
 def measure(threads: int) -> Machine:
     rates = triad_bandwidth(threads)
-    return Machine(max(rates), statistics.median(rates), matmul_flops(), threads)
+    return Machine(max(rates), statistics.median(rates), matmul_flops(threads), threads)
 
 
 def weight_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
