@@ -19,6 +19,7 @@ TABLE_WIDTH = 160  # tables are printed this wide when the output is not a termi
 out = Console(width=None if Console().is_terminal else TABLE_WIDTH)
 DEMO_PROMPT = "pride_and_prejudice_ch1-3.txt"
 BENCH_TEXT = "persuasion.txt"
+THREADS_HELP = "CPU threads for us and every peer (default: $TVM_NUM_THREADS, else all available CPUs)."
 PROFILE_TOP = 12  # kernels listed per profiled step
 DEFAULT_MODEL = "smollm2"
 
@@ -194,7 +195,7 @@ def _generation_options(fn):
     default=None,
     help="Artifact of a smaller model with the same tokenizer to draft with (default: self-drafting).",
 )
-@click.option("--threads", type=int, default=None, help="CPU threads (default: all available).")
+@click.option("--threads", type=int, default=None, help=THREADS_HELP)
 @_one_line_errors
 def generate_cmd(
     artifact: Path,
@@ -335,7 +336,7 @@ def _print_stats(results) -> None:
     type=click.Path(path_type=Path),
     help="Prompt source texts (default: Persuasion, shipped with the package).",
 )
-@click.option("--threads", type=int, default=None, help="CPU threads (default: all available).")
+@click.option("--threads", type=int, default=None, help=THREADS_HELP)
 @click.option(
     "--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results here."
 )
@@ -558,8 +559,9 @@ def _is_current(artifact: Path) -> bool:
 
 @main.command("demo")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Tokens to generate.")
+@click.option("--threads", type=int, default=None, help=THREADS_HELP)
 @_one_line_errors
-def demo_cmd(max_new_tokens: int) -> None:
+def demo_cmd(max_new_tokens: int, threads: int | None) -> None:
     """Fetch SmolLM2, compile it for this CPU (once), and continue a long Austen prompt."""
     from .compile.build import artifact_cache, compile_model
     from .compile.fetch import fetch_model
@@ -570,7 +572,8 @@ def demo_cmd(max_new_tokens: int) -> None:
         compile_model(model, artifact, target="llvm", force=True)
     prompt = resources.files("mlc_magicdec").joinpath("data", DEMO_PROMPT).read_text(encoding="utf-8")
     console.print(f"prompt: Pride and Prejudice, chapters 1-3 ({len(prompt)} characters)")
-    _generate(artifact, [prompt], max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, seed=None)
+    settings = dict(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, seed=None)
+    _generate(artifact, [prompt], threads=threads, **settings)
 
 
 @main.command("plan")
