@@ -160,6 +160,7 @@ class PromptLookupDecoder:
             n_threads_batch=threads,
             flash_attn=flash_attn,
             draft_model=LlamaPromptLookupDecoding(),
+            logits_all=True,  # speculation needs every position's logits (and sizes its buffer by this flag)
             verbose=False,
         )
 

@@ -28,6 +28,7 @@ MAX_ROW_TILE = 4  # most query rows scored together against each key block loade
 SCORE_ACCUMULATORS = 12  # zmm accumulators for a row tile's scores (hides FMA latency, fits 32 registers)
 PREFETCH_PAGES = 2  # the dense view prefetches the K and V pages this many blocks ahead
 LINE_FLOATS = 16  # fp32 values per 64-byte cache line
+PREFETCH_LINES = PAGE_SIZE * 64 // LINE_FLOATS  # lines of a K or V page prefetched (all: head_dim 64)
 PREFETCH_READ, PREFETCH_LOCALITY, PREFETCH_DATA = 0, 3, 1  # llvm.prefetch: read, keep in all caches, data
 LOG2E = math.log2(math.e)
 NEG_INF = -3.0e38
@@ -186,7 +187,7 @@ def paged_attention(
                     if not sparse:
                         # Software prefetch of a later page: hardware prefetchers stop at 4 KB pages.
                         if blk + PREFETCH_PAGES < (n_keys + KB - 1) // KB:
-                            for line in T.serial(P * D // LINE_FLOATS):
+                            for line in T.serial(PREFETCH_LINES):
                                 for kv in T.unroll(2):
                                     T.evaluate(
                                         T.call_llvm_intrin(
