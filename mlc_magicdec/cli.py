@@ -354,6 +354,13 @@ def _print_stats(results) -> None:
     "against transformers and llama.cpp (if installed), same prompts and threads.",
 )
 @click.option(
+    "--peer-repeats",
+    type=int,
+    default=None,
+    help="With --peers: decode repeats for the slowest peers (transformers, llama.cpp with flash attention "
+    "on); default --repeats.",
+)
+@click.option(
     "--roofline",
     is_flag=True,
     help="Instead: measure memory bandwidth and matmul FLOP/s, and print the tokens/s they allow.",
@@ -378,6 +385,7 @@ def bench_cmd(
     json_path,
     plot_path,
     peers,
+    peer_repeats,
     roofline,
     profile,
 ) -> None:
@@ -394,7 +402,7 @@ def bench_cmd(
         if kind not in ("snapkv", "streamingllm"):
             raise UserError(f"unknown draft {kind!r}; choose from snapkv, streamingllm")
     if peers:
-        settings = _peer_settings(new_tokens, repeats, kinds, budgets, gammas)
+        settings = _peer_settings(new_tokens, repeats, peer_repeats, kinds, budgets, gammas)
         _bench_peers(artifact, batches, contexts, settings, texts, threads, json_path)
         return
     if roofline:
@@ -425,12 +433,14 @@ def _bench_texts(paths) -> list[str]:
     ]
 
 
-def _peer_settings(new_tokens, repeats, kinds, budgets, gammas):
+def _peer_settings(new_tokens, repeats, peer_repeats, kinds, budgets, gammas):
     from .bench.peers import PeerSettings
 
     if new_tokens < 2:
         raise UserError("--new-tokens must be at least 2 for a decode timing")
-    return PeerSettings(new_tokens, repeats, kinds[0], budgets[0], gammas[0])
+    if min(repeats, peer_repeats or 1) < 1:
+        raise UserError("--repeats and --peer-repeats must be at least 1")
+    return PeerSettings(new_tokens, repeats, kinds[0], budgets[0], gammas[0], slow_repeats=peer_repeats)
 
 
 def _bench_peers(artifact, batches, contexts, settings, texts, threads, json_path) -> None:
