@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Reproduce the CPU figures in bench/results/ (SmolLM2-135M fp32, llvm). Takes about an hour on 2 cores.
+# Reproduce the CPU figures in bench/results/ (SmolLM2-135M fp32, llvm). Takes about two hours on 2 cores.
+# The llama.cpp peers need the optional extra: pip install 'mlc-magicdec[peers]' (CMAKE_ARGS="-DGGML_NATIVE=ON").
 # Run on a quiet machine: every table is a ratio measured side by side in one run, but other load still adds noise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=bench/results
 art=${ARTIFACT:-$(mktemp -d)/smollm2}
+threads=${THREADS:-2}
 mkdir -p "$out"
 
 # Compile time, three times (the artifact records each step's seconds in mlc-magicdec-config.json).
@@ -24,3 +26,18 @@ mlc-magicdec bench "$art" --batch 8 --context 4096 --new-tokens 128 --draft snap
 mlc-magicdec bench "$art" --batch 1,4,8,16 --context 1024,2048,4096,8192 --new-tokens 128 --draft snapkv \
   --budget 256 --gamma 1,2,3,4,5 --json "$out/magicdec_cpu.json" --plot "$out/magicdec_cpu_speedup.png" \
   | tee "$out/magicdec_cpu.txt"
+
+# Issue #5 (CPU speed). The machine's roofline: triad bandwidth, matmul FLOP/s, bytes per step, tokens/s allowed.
+mlc-magicdec bench "$art" --roofline --batch 1,8 --context 1024,4096,8192 --threads "$threads" \
+  --json "$out/roofline.json" | tee "$out/roofline.txt"
+
+# The kernel profile (VM instrument) of a decode, verify (gamma 2) and draft (SnapKV 256) step. profile_before.txt
+# was measured the same way on an artifact compiled from commit 36a9bfc (the kernels before issue #5).
+mlc-magicdec bench "$art" --profile --batch 1,8 --context 4096,8192 --gamma 2 --budget 256 --threads "$threads" \
+  --json "$out/profile_after.json" | tee "$out/profile_after.txt"
+
+# Ours (plain and MagicDec) against transformers and llama.cpp (Q4_1 and F32, flash attention off and on, prompt
+# lookup at batch 1): batch 1 and 8 x 1k, 4k, 8k contexts, 128 new tokens, medians of 3 (1 for the slowest peers).
+mlc-magicdec bench "$art" --peers --batch 1,8 --context 1024,4096,8192 --new-tokens 128 --repeats 3 \
+  --peer-repeats 1 --draft snapkv --budget 256 --gamma 2 --threads "$threads" \
+  --json "$out/peers_cpu.json" | tee "$out/peers_cpu.txt"

@@ -1,32 +1,109 @@
-"""Plain decoding, ours against Hugging Face ``transformers`` (torch, CPU, fp32): same prompts, same threads.
+"""Decoding throughput side by side: ours (plain and MagicDec) against what a CPU user would otherwise run.
 
-For each (batch, context): prefill tokens/s and decode tokens/s (``new_tokens`` greedy steps), medians over
-``repeats``, in one run; each system finishes its measurements before the other starts, since idle thread
-pools spin for a while after a run.
-``transformers`` is a benchmark-only dependency (the ``test`` extra).
+Systems, each with the same prompts, greedy, the same thread count, measured one after the other in one run
+(idle thread pools spin for a while after a run, so no two run at once):
+
+- **ours, plain**: ``decode`` over the prefilled batch;
+- **ours, MagicDec**: self-speculative decoding (``draft``/``budget``/``gamma``) on the same prefill;
+- **transformers** on torch CPU, fp32 (the ``test`` extra);
+- **llama.cpp** through ``llama-cpp-python`` (the ``peers`` extra, skipped when missing): plain decoding on
+  the shipped GGUF (Q4_1) and on an F32 GGUF of the same weights, and prompt-lookup speculative decoding
+  (batch 1, F32); each with flash attention off and on.
+
+A cell is a (batch, context): the prompts are ``context - new_tokens`` tokens, so the last of ``new_tokens``
+decoded tokens sits at ``context``. Each system prefills once (timed, reported as prefill tokens/s of one
+sequence) and then decodes ``new_tokens`` ``repeats`` times from that prefill (``slow_repeats`` times for the
+slowest peers, if set); decode tokens/s is the median and each row records its repeats.
+Peers other than ours prefill the first prompt and copy its KV to every sequence of the batch (a step costs
+the same whatever the KV values), which keeps a batch-8 x 8k prefill from dominating the run.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..runtime.engine import Engine
+from . import gguf_convert, llamacpp
+
+OURS_PLAIN = "ours, plain"
+TRANSFORMERS = "transformers (torch fp32)"
+BANDWIDTH_TARGET_BATCHED = 0.70  # issue #5: at least 70% of the bandwidth at batch 8 x 4k
+BANDWIDTH_BATCHED_CONTEXT = 4096
+BANDWIDTH_TARGET_SINGLE = 0.50  # and at least 50% at batch 1
+LIKE_FOR_LIKE = "F32"  # llama.cpp's dtype matching our fp32 weights
+LLAMA_TARGET_MIN_CONTEXT = 4096  # the llama.cpp targets are set at 4k and 8k
+LLAMA_TARGET_BATCHED = 2.0  # at least 2x llama.cpp at batch 8
+MAGICDEC_TARGET = 1.5  # MagicDec at least 1.5x the best peer at batch 8 x 8k
+MAGICDEC_TARGET_MIN_CONTEXT = 8192
 
 
-def ours(
-    engine: Engine, prompts: list[list[int]], new_tokens: int, repeats: int
-) -> tuple[float, list[float]]:
-    """Our plain decoding: prefill seconds, and seconds per decode step for each of ``repeats`` decodes."""
-    with engine.prefill(prompts, max_new_tokens=new_tokens) as batch:
-        steps = []
-        for _ in range(repeats):
-            s = engine.decode(batch, stop_at_eos=False)[0].stats
-            steps.append(s.decode_seconds / s.decode_steps)
-    return batch.prefill_seconds, steps
+@dataclasses.dataclass
+class PeerSettings:
+    new_tokens: int
+    repeats: int
+    draft: str
+    budget: int
+    gamma: int
+    llama_dtypes: tuple[str, ...] = ("q4_1", "f32")  # the shipped GGUF, and a converted F32 copy
+    flash_attn: tuple[bool, ...] = (False, True)
+    slow_repeats: int | None = None  # repeats for transformers and llama.cpp with flash attention on (the
+    # slowest peers on CPU); None: ``repeats``
+
+    def repeats_for(self, system: str) -> int:
+        slow = system == TRANSFORMERS or "flash attn on" in system
+        return self.slow_repeats if slow and self.slow_repeats is not None else self.repeats
+
+
+@dataclasses.dataclass
+class Measurement:
+    """One system in one cell: prefill seconds (one sequence) and decode seconds of each repeat."""
+
+    system: str
+    prefill_seconds: float
+    prefill_tokens: int
+    decode_seconds: list[float]
+    decoded_tokens: int  # tokens generated in one repeat, all sequences together
+
+    def row(self, batch: int, context: int) -> dict:
+        decode = statistics.median(self.decode_seconds)
+        return {
+            "system": self.system,
+            "batch": batch,
+            "context": context,
+            "prefill_tok_s": self.prefill_tokens / self.prefill_seconds,
+            "decode_tok_s": self.decoded_tokens / decode,
+            "decode_seconds": self.decode_seconds,
+            "prefill_seconds": self.prefill_seconds,
+            "repeats": len(self.decode_seconds),
+        }
+
+
+def _ours(engine: Engine, prompts: list[list[int]], s: PeerSettings) -> list[Measurement]:
+    """Our plain and MagicDec decoding on one prefill of the whole batch."""
+    with engine.prefill(prompts, max_new_tokens=s.new_tokens, max_gamma=s.gamma) as batch:
+        plain, spec = [], []
+        for _ in range(s.repeats):
+            res = engine.decode(batch, stop_at_eos=False)
+            plain.append(res[0].stats.decode_seconds)
+            steps = res[0].stats.decode_steps
+        for _ in range(s.repeats):
+            res = engine.decode(
+                batch, stop_at_eos=False, speculate=True, draft=s.draft, budget=s.budget, gamma=s.gamma
+            )
+            spec.append(res[0].stats.decode_seconds)
+            spec_tokens = sum(len(r.token_ids) - 1 for r in res)  # the first comes from the prefill
+        prefill = batch.prefill_seconds / len(prompts)
+    n = len(prompts[0])
+    return [
+        Measurement(OURS_PLAIN, prefill, n, plain, steps * len(prompts)),
+        Measurement(f"ours, MagicDec ({s.draft}/{s.budget}, gamma {s.gamma})", prefill, n, spec, spec_tokens),
+    ]
 
 
 class TransformersPeer:
@@ -46,74 +123,160 @@ class TransformersPeer:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         self.model, self.torch = model.eval(), torch
 
-    def run(self, prompts: list[list[int]], new_tokens: int, repeats: int) -> tuple[float, list[float]]:
-        """Prefill seconds, and seconds per greedy decode step for each of ``repeats`` decodes of the same
-        prefill (the cache is copied before each); ragged prompts are left-padded."""
+    def measure(self, prompt: list[int], batch: int, s: PeerSettings) -> Measurement:
+        """Prefill ``prompt`` once, repeat its cache over the batch, and time ``repeats`` greedy decodes."""
         torch = self.torch
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-        mask0 = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        steps = []
+        ids = torch.tensor([prompt])
+        times = []
         with torch.inference_mode():
             t0 = time.perf_counter()
-            out = self.model(ids, attention_mask=mask0, use_cache=True)
+            out = self.model(ids, use_cache=True, logits_to_keep=1)
             prefill = time.perf_counter() - t0
-            for _ in range(repeats):
-                cache, nxt, mask = copy.deepcopy(out.past_key_values), out.logits[:, -1:].argmax(-1), mask0
+            first = out.logits[:, -1:].argmax(-1).repeat(batch, 1)
+            for _ in range(s.repeats_for(TRANSFORMERS)):
+                cache = copy.deepcopy(out.past_key_values)
+                cache.batch_repeat_interleave(batch)
+                nxt = first
                 t1 = time.perf_counter()
-                for _ in range(new_tokens - 1):
-                    mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-                    step = self.model(nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+                for _ in range(s.new_tokens - 1):
+                    step = self.model(nxt, past_key_values=cache, use_cache=True)
                     cache, nxt = step.past_key_values, step.logits[:, -1:].argmax(-1)
-                steps.append((time.perf_counter() - t1) / max(new_tokens - 1, 1))
-        return prefill, steps
+                times.append(time.perf_counter() - t1)
+        return Measurement(TRANSFORMERS, prefill, len(prompt), times, batch * (s.new_tokens - 1))
+
+
+def llama_gguf(source: Path, dtype: str) -> Path:
+    """The GGUF llama.cpp runs for ``dtype``: the shipped file for its own type, else a converted copy."""
+    shipped = source.stem.split(".")[-1].lower()
+    return source if dtype == shipped else gguf_convert.convert(source, dtype)
+
+
+def _llama_plain(gguf: Path, label: str, prompt, batch: int, s: PeerSettings, threads: int, fa: bool):
+    name = f"llama.cpp {label} (flash attn {'on' if fa else 'off'})"
+    dec = llamacpp.PlainDecoder(gguf, batch, len(prompt) + s.new_tokens, threads, fa)
+    try:
+        prefill, first = dec.prefill(prompt)
+        times = [dec.decode(first, s.new_tokens - 1)[0] for _ in range(s.repeats_for(name))]
+    finally:
+        dec.close()
+    return Measurement(name, prefill, len(prompt), times, batch * (s.new_tokens - 1))
+
+
+def _llama_lookup(gguf: Path, label: str, prompt, s: PeerSettings, threads: int, fa: bool):
+    name = f"llama.cpp {label} prompt-lookup (flash attn {'on' if fa else 'off'})"
+    dec = llamacpp.PromptLookupDecoder(gguf, len(prompt) + s.new_tokens + 1, threads, fa)
+    try:
+        prefill = dec.prefill(prompt)
+        times = [dec.decode(prompt, s.new_tokens)[0] for _ in range(s.repeats_for(name))]
+    finally:
+        dec.close()
+    return Measurement(name, prefill, len(prompt), times, s.new_tokens)
 
 
 def compare(
     engine: Engine,
     prompts_by_cell: dict[tuple[int, int], list[list[int]]],
-    new_tokens: int,
-    repeats: int,
-    progress=print,
-) -> list[dict]:
-    """Median prefill and decode throughput of ours and ``transformers`` for each (batch, context) cell.
-
-    Prefill tokens/s is the median of ``repeats`` prefills of the cell's first prompt (batch 1); decode
-    tokens/s is the median of ``repeats`` decodes of the whole batch after one prefill.
-    """
+    settings: PeerSettings,
+    progress: Callable[[str], None] = print,
+) -> tuple[list[dict], list[str]]:
+    """Every system in every (batch, context) cell; returns the rows and notes (e.g. a skipped peer)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's idle threads must not spin against ours
-    peer = TransformersPeer(engine.artifact.config["source"], engine.threads)
-    systems = {
-        "ours": lambda p, n: ours(engine, p, new_tokens, n),
-        "transformers": lambda p, n: peer.run(p, new_tokens, n),
-    }
+    threads = engine.threads
+    source = Path(engine.artifact.config["source"])
+    notes = []
+    have_llama = llamacpp.available() and source.suffix == ".gguf"
+    if not llamacpp.available():
+        notes.append("llama.cpp skipped: llama_cpp is not installed (pip install 'mlc-magicdec[peers]')")
+    elif source.suffix != ".gguf":
+        notes.append(f"llama.cpp skipped: the artifact's source {source.name} is not a GGUF")
+    ggufs = {d: llama_gguf(source, d) for d in settings.llama_dtypes} if have_llama else {}
+    peer = TransformersPeer(str(source), threads)
     rows = []
     for (batch, context), prompts in prompts_by_cell.items():
-        for name, run in systems.items():  # one system at a time: thread pools idle-spin after a run
-            progress(f"batch {batch}, context {context}: {name}")
-            prefills = [run(prompts[:1], 1)[0] for _ in range(repeats)]
-            _, steps = run(prompts, repeats)
-            step = statistics.median(steps)
-            rows.append(
-                {
-                    "system": name,
-                    "batch": batch,
-                    "context": context,
-                    "prefill_tok_s": context / statistics.median(prefills),
-                    "decode_tok_s": batch / step,
-                    "decode_ms_per_step": step * 1e3,
-                    "prefill_seconds": prefills,
-                    "step_seconds": steps,
-                }
+        measured: list[Measurement] = []
+        progress(f"batch {batch}, context {context}: ours")
+        measured += _ours(engine, prompts, settings)
+        progress(f"batch {batch}, context {context}: transformers")
+        measured.append(peer.measure(prompts[0], batch, settings))
+        for dtype, path in ggufs.items():
+            for fa in settings.flash_attn:
+                progress(f"batch {batch}, context {context}: llama.cpp {dtype} flash attn {fa}")
+                measured.append(_llama_plain(path, dtype.upper(), prompts[0], batch, settings, threads, fa))
+        if have_llama and batch == 1:
+            dtype = settings.llama_dtypes[-1]
+            for fa in settings.flash_attn:
+                progress(f"batch {batch}, context {context}: llama.cpp prompt lookup flash attn {fa}")
+                measured.append(_llama_lookup(ggufs[dtype], dtype.upper(), prompts[0], settings, threads, fa))
+        rows += [m.row(batch, context) for m in measured]
+    return rows, notes
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Add ``plain_ratio`` and ``magicdec_ratio``: our tokens/s divided by each row's, per cell."""
+    for r in rows:
+        cell = [o for o in rows if (o["batch"], o["context"]) == (r["batch"], r["context"])]
+        plain = next(o for o in cell if o["system"] == OURS_PLAIN)
+        spec = next(o for o in cell if o["system"].startswith("ours, MagicDec"))
+        r["plain_ratio"] = plain["decode_tok_s"] / r["decode_tok_s"]
+        r["magicdec_ratio"] = spec["decode_tok_s"] / r["decode_tok_s"]
+
+
+def best_peer(rows: list[dict], batch: int, context: int, prefix: str = "") -> dict | None:
+    """The fastest non-ours row of a cell whose system starts with ``prefix``."""
+    peers = [
+        r
+        for r in rows
+        if (r["batch"], r["context"]) == (batch, context)
+        and not r["system"].startswith("ours")
+        and r["system"].startswith(prefix)
+    ]
+    return max(peers, key=lambda r: r["decode_tok_s"]) if peers else None
+
+
+def _verdict(value: float, target: float, unit: str = "x") -> str:
+    got = f"{value:.0%}" if unit == "%" else f"{value:.2f}x"
+    want = f"{target:.0%}" if unit == "%" else f"{target:.1f}x"
+    if value >= target:
+        return f"{got} (target {want}: met)"
+    return f"{got} (target {want}: missed by {1 - value / target:.0%})"
+
+
+def target_lines(rows: list[dict], fractions: dict) -> list[str]:
+    """The issue's targets, each with its measured value, for the cells that were run."""
+    lines = []
+    cells = sorted({(r["batch"], r["context"]) for r in rows})
+    for batch, context in cells:
+        frac = fractions.get((batch, context))
+        want = BANDWIDTH_TARGET_SINGLE if batch == 1 else None
+        want = BANDWIDTH_TARGET_BATCHED if batch > 1 and context == BANDWIDTH_BATCHED_CONTEXT else want
+        if frac is not None and want is not None:
+            lines.append(f"bandwidth used, plain, batch {batch} x {context}: {_verdict(frac, want, '%')}")
+        hf = best_peer(rows, batch, context, "transformers")
+        if hf:
+            lines.append(
+                f"plain vs transformers, batch {batch} x {context}: {_verdict(hf['plain_ratio'], 1.0)}"
             )
-    return rows
+        lc = _best_plain_llama(rows, batch, context)
+        if lc and context >= LLAMA_TARGET_MIN_CONTEXT:
+            want = LLAMA_TARGET_BATCHED if batch > 1 else 1.0
+            verdict = _verdict(lc["plain_ratio"], want)
+            lines.append(f"plain vs best {lc['system']}, batch {batch} x {context}: {verdict}")
+        best = best_peer(rows, batch, context)
+        if best and batch > 1 and context >= MAGICDEC_TARGET_MIN_CONTEXT:
+            lines.append(
+                f"MagicDec vs best peer ({best['system']}), batch {batch} x {context}: "
+                f"{_verdict(best['magicdec_ratio'], MAGICDEC_TARGET)}"
+            )
+    return lines
 
 
-def ratios(rows: list[dict]) -> dict[tuple[int, int], float]:
-    """Our decode tokens/s divided by ``transformers``', per cell."""
-    by = {(r["system"], r["batch"], r["context"]): r for r in rows}
-    return {
-        (b, c): by["ours", b, c]["decode_tok_s"] / by["transformers", b, c]["decode_tok_s"]
-        for (s, b, c) in by
-        if s == "ours"
-    }
+def _best_plain_llama(rows: list[dict], batch: int, context: int) -> dict | None:
+    plain = [
+        r
+        for r in rows
+        if (r["batch"], r["context"]) == (batch, context)
+        and r["system"].startswith(f"llama.cpp {LIKE_FOR_LIKE}")
+        and "prompt-lookup" not in r["system"]
+    ]
+    return max(plain, key=lambda r: r["decode_tok_s"]) if plain else None
+

@@ -90,28 +90,69 @@ def plot_speedup(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def peers_table(rows: list[dict], ratios: dict) -> Table:
-    """Plain decoding throughput per system and cell, with our decode speed relative to transformers."""
-    table = Table(title="plain decoding (medians)")
+def peers_table(rows: list[dict], fractions: dict) -> Table:
+    """Decode throughput per system and cell, with ours (plain and MagicDec) divided by each system.
+
+    ``fractions`` maps (batch, context) to our plain decoding's achieved bytes/s over the measured bandwidth.
+    """
+    table = Table(title="decoding throughput (greedy; medians)")
     for col in (
         "batch",
         "context",
         "system",
         "prefill tok/s",
         "decode tok/s",
-        "ms/step",
-        "ours / transformers",
+        "repeats",
+        "ours plain / it",
+        "MagicDec / it",
+        "bandwidth used",
     ):
         table.add_column(col, justify="right")
     for r in rows:
-        ratio = f"{ratios[r['batch'], r['context']]:.2f}x" if r["system"] == "ours" else ""
+        fraction = fractions.get((r["batch"], r["context"])) if r["system"] == "ours, plain" else None
         table.add_row(
             str(r["batch"]),
             str(r["context"]),
             r["system"],
-            f"{r['prefill_tok_s']:.1f}",
+            f"{r['prefill_tok_s']:.0f}",
             f"{r['decode_tok_s']:.1f}",
-            f"{r['decode_ms_per_step']:.1f}",
-            ratio,
+            str(r["repeats"]),
+            f"{r['plain_ratio']:.2f}x",
+            f"{r['magicdec_ratio']:.2f}x",
+            f"{fraction:.0%}" if fraction is not None else "",
         )
+    return table
+
+
+def roofline_table(machine, rows: list[dict]) -> Table:
+    """Bytes a decode step reads and the tokens/s the measured bandwidth allows, per (batch, context)."""
+    gb = 1e9
+    table = Table(
+        title=(
+            f"roofline: triad bandwidth {machine.bandwidth_median / gb:.1f} GB/s median "
+            f"({machine.bandwidth_best / gb:.1f} best), fp32 matmul {machine.matmul_flops / gb:.0f} GFLOP/s, "
+            f"{machine.threads} threads"
+        )
+    )
+    for col in ("batch", "context", "weights GB", "KV GB", "step GB", "max tok/s"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["batch"]),
+            str(r["context"]),
+            f"{r['weight_bytes'] / gb:.3f}",
+            f"{r['kv_bytes'] / gb:.3f}",
+            f"{r['step_bytes'] / gb:.3f}",
+            f"{r['max_tok_s']:.1f}",
+        )
+    return table
+
+
+def profile_table(title: str, kernels, step_seconds: float, top: int) -> Table:
+    """The slowest ``top`` kernels of a profiled step: calls, ms, share of the step's wall time."""
+    table = Table(title=f"{title}: {step_seconds * 1e3:.1f} ms a step")
+    for col in ("kernel", "calls", "ms", "% of step"):
+        table.add_column(col, justify="right")
+    for k in kernels[:top]:
+        table.add_row(k.name, str(k.calls), f"{k.seconds * 1e3:.2f}", f"{k.seconds / step_seconds:.1%}")
     return table

@@ -19,6 +19,8 @@ TABLE_WIDTH = 160  # tables are printed this wide when the output is not a termi
 out = Console(width=None if Console().is_terminal else TABLE_WIDTH)
 DEMO_PROMPT = "pride_and_prejudice_ch1-3.txt"
 BENCH_TEXT = "persuasion.txt"
+THREADS_HELP = "CPU threads for us and every peer (default: $TVM_NUM_THREADS, else all available CPUs)."
+PROFILE_TOP = 12  # kernels listed per profiled step
 DEFAULT_MODEL = "smollm2"
 DEFAULT_ALPHA = "0.85"  # plan's acceptance rate when none is given or measured
 
@@ -242,7 +244,7 @@ def _generation_options(fn):
     default=None,
     help="Artifact of a smaller model with the same tokenizer to draft with (default: self-drafting).",
 )
-@click.option("--threads", type=int, default=None, help="CPU threads (default: all available).")
+@click.option("--threads", type=int, default=None, help=THREADS_HELP)
 @_one_line_errors
 def generate_cmd(
     artifact: Path,
@@ -391,7 +393,7 @@ def _print_stats(results) -> None:
     type=click.Path(path_type=Path),
     help="Prompt source texts (default: Persuasion, shipped with the package).",
 )
-@click.option("--threads", type=int, default=None, help="CPU threads (default: all available).")
+@click.option("--threads", type=int, default=None, help=THREADS_HELP)
 @click.option(
     "--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results here."
 )
@@ -405,7 +407,25 @@ def _print_stats(results) -> None:
 @click.option(
     "--peers",
     is_flag=True,
-    help="Instead: plain decoding, ours against transformers (CPU, fp32), same prompts and threads.",
+    help="Instead: decoding tokens/s of ours (plain and MagicDec with the first --draft/--budget/--gamma) "
+    "against transformers and llama.cpp (if installed), same prompts and threads.",
+)
+@click.option(
+    "--peer-repeats",
+    type=int,
+    default=None,
+    help="With --peers: decode repeats for the slowest peers (transformers, llama.cpp with flash attention "
+    "on); default --repeats.",
+)
+@click.option(
+    "--roofline",
+    is_flag=True,
+    help="Instead: measure memory bandwidth and matmul FLOP/s, and print the tokens/s they allow.",
+)
+@click.option(
+    "--profile",
+    is_flag=True,
+    help="Instead: time every kernel of a decode, verify (first --gamma) and draft step (first --budget).",
 )
 @click.option(
     "--auto",
@@ -428,6 +448,9 @@ def bench_cmd(
     json_path,
     plot_path,
     peers,
+    peer_repeats,
+    roofline,
+    profile,
     auto_vs_fixed,
 ) -> None:
     """MagicDec benchmark: T_D, T_V, accepted length, T_SD, T_AR and speedup over a batch x context grid."""
@@ -436,14 +459,22 @@ def bench_cmd(
     from .bench import magicdec, report
     from .runtime.engine import Engine
 
-    if peers:
-        _bench_peers(artifact, batches, contexts, new_tokens, repeats, texts, threads, json_path)
-        return
-
+    if sum((peers, roofline, profile, auto_vs_fixed)) > 1:
+        raise UserError("choose one of --peers, --roofline, --profile and --auto")
     kinds = [d.strip() for d in drafts.split(",") if d.strip()]
     for kind in kinds:
         if kind not in ("snapkv", "streamingllm"):
             raise UserError(f"unknown draft {kind!r}; choose from snapkv, streamingllm")
+    if peers:
+        settings = _peer_settings(new_tokens, repeats, peer_repeats, kinds, budgets, gammas)
+        _bench_peers(artifact, batches, contexts, settings, texts, threads, json_path)
+        return
+    if roofline:
+        _bench_roofline(artifact, batches, contexts, threads, json_path)
+        return
+    if profile:
+        _bench_profile(artifact, batches, contexts, gammas[0], budgets[0], repeats, threads, json_path)
+        return
     if auto_vs_fixed:
         if len(kinds) != 1:
             raise UserError("--auto compares settings of one draft view; give one --draft")
@@ -483,23 +514,126 @@ def _bench_texts(paths) -> list[str]:
     ]
 
 
-def _bench_peers(artifact, batches, contexts, new_tokens, repeats, texts, threads, json_path) -> None:
+def _peer_settings(new_tokens, repeats, peer_repeats, kinds, budgets, gammas):
+    from .bench.peers import PeerSettings
+
+    if new_tokens < 2:
+        raise UserError("--new-tokens must be at least 2 for a decode timing")
+    if min(repeats, peer_repeats or 1) < 1:
+        raise UserError("--repeats and --peer-repeats must be at least 1")
+    return PeerSettings(new_tokens, repeats, kinds[0], budgets[0], gammas[0], slow_repeats=peer_repeats)
+
+
+def _bench_peers(artifact, batches, contexts, settings, texts, threads, json_path) -> None:
     import json
 
-    from .bench import magicdec, peers, report
+    from .bench import magicdec, peers, report, roofline
     from .runtime.engine import Engine
 
     sources = _bench_texts(texts)
     engine = Engine(artifact, threads=threads)
     header = report.header(engine, " ".join(sys.argv))
     out.print(header, highlight=False)
-    cells = {(b, c): magicdec.prompts_for(engine, sources, c, b) for b in batches for c in contexts}
-    rows = peers.compare(
-        engine, cells, new_tokens, repeats, progress=lambda m: console.print(f"[dim]{m}[/dim]")
-    )
-    out.print(report.peers_table(rows, peers.ratios(rows)))
+    console.print("[dim]measuring memory bandwidth[/dim]")
+    machine = roofline.measure(engine.threads)
+    cells = {
+        (b, c): magicdec.prompts_for(engine, sources, c - settings.new_tokens, b)
+        for b in batches
+        for c in contexts
+    }
+    rows, notes = peers.compare(engine, cells, settings, progress=lambda m: console.print(f"[dim]{m}[/dim]"))
+    peers.add_ratios(rows)
+    dtype_bytes = _dtype_bytes(engine.artifact.dtype)
+    fractions = {
+        (r["batch"], r["context"]): roofline.bandwidth_fraction(
+            engine.config,
+            r["batch"],
+            r["context"] - settings.new_tokens // 2,  # the mean KV length over the decode
+            dtype_bytes,
+            r["batch"] / r["decode_tok_s"],
+            machine.bandwidth_median,
+        )
+        for r in rows
+        if r["system"] == peers.OURS_PLAIN
+    }
+    out.print(report.peers_table(rows, fractions))
+    for line in notes + peers.target_lines(rows, fractions):
+        out.print(line, highlight=False)
     if json_path:
-        json_path.write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+        json_path.write_text(
+            json.dumps(
+                {
+                    "header": header,
+                    "machine": vars(machine),
+                    "rows": rows,
+                    "bandwidth_fraction": [[b, c, f] for (b, c), f in fractions.items()],
+                    "notes": notes,
+                },
+                indent=2,
+            )
+        )
+
+
+def _dtype_bytes(dtype: str) -> int:
+    import numpy as np
+
+    return np.dtype(dtype).itemsize
+
+
+def _bench_roofline(artifact, batches, contexts, threads, json_path) -> None:
+    import json
+
+    from .bench import report, roofline
+    from .runtime.artifact import Artifact
+    from .runtime.threads import configure_threads
+
+    threads = configure_threads(threads)
+    art = Artifact.load(artifact)
+    out.print(
+        f"command: {' '.join(sys.argv)} | model: {art.config.get('source', '?')} ({art.dtype}) | "
+        f"threads: {threads}",
+        highlight=False,
+    )
+    machine = roofline.measure(threads)
+    rows = roofline.roofline_rows(
+        art.model, batches, contexts, _dtype_bytes(art.dtype), machine.bandwidth_median
+    )
+    out.print(report.roofline_table(machine, rows))
+    if json_path:
+        json_path.write_text(json.dumps({"machine": vars(machine), "rows": rows}, indent=2))
+
+
+def _bench_profile(artifact, batches, contexts, gamma, budget, repeats, threads, json_path) -> None:
+    import json
+
+    from .bench import profile, report
+    from .runtime.engine import Engine
+
+    engine = Engine(artifact, threads=threads)
+    out.print(report.header(engine, " ".join(sys.argv)), highlight=False)
+    results = []
+    for batch in batches:
+        for context in contexts:
+            for step in profile.STEPS:
+                kernels, wall = profile.profile_step(engine, step, batch, context, gamma, budget, repeats)
+                label = {
+                    "decode": "decode",
+                    "verify": f"verify (gamma {gamma})",
+                    "draft": f"draft ({budget})",
+                }
+                title = f"{label[step]}, batch {batch} x {context}"
+                out.print(report.profile_table(title, kernels, wall, PROFILE_TOP))
+                results.append(
+                    {
+                        "step": step,
+                        "batch": batch,
+                        "context": context,
+                        "step_seconds": wall,
+                        "kernels": [vars(k) for k in kernels],
+                    }
+                )
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2))
 
 
 def _bench_auto(
@@ -537,8 +671,9 @@ def _is_current(artifact: Path) -> bool:
 
 @main.command("demo")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Tokens to generate.")
+@click.option("--threads", type=int, default=None, help=THREADS_HELP)
 @_one_line_errors
-def demo_cmd(max_new_tokens: int) -> None:
+def demo_cmd(max_new_tokens: int, threads: int | None) -> None:
     """Fetch SmolLM2, compile it for this CPU (once), and continue a long Austen prompt."""
     from .compile.build import artifact_cache, compile_model
     from .compile.fetch import fetch_model
@@ -549,7 +684,8 @@ def demo_cmd(max_new_tokens: int) -> None:
         compile_model(model, artifact, target="llvm", force=True)
     prompt = resources.files("mlc_magicdec").joinpath("data", DEMO_PROMPT).read_text(encoding="utf-8")
     console.print(f"prompt: Pride and Prejudice, chapters 1-3 ({len(prompt)} characters)")
-    _generate(artifact, [prompt], max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, seed=None)
+    settings = dict(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, seed=None)
+    _generate(artifact, [prompt], threads=threads, **settings)
 
 
 @main.command("plan")

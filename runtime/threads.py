@@ -10,8 +10,14 @@ import os
 
 import tvm
 
+from ..errors import UserError
+
 THREADS_ENV = "TVM_NUM_THREADS"
 _AFFINITY_DEFAULT = 0  # TVM's ThreadGroup::AffinityMode kBig = 1, kLittle = -1, default 0
+
+
+class ThreadsError(UserError, ValueError):
+    """A thread count that cannot be used; the message is one line."""
 
 
 def available_cpus() -> int:
@@ -25,9 +31,13 @@ def available_cpus() -> int:
 def configure_threads(threads: int | None = None) -> int:
     """Use ``threads`` CPU threads (default: ``$TVM_NUM_THREADS`` or every available CPU); returns it."""
     if threads is None:
-        threads = int(os.environ.get(THREADS_ENV) or available_cpus())
+        env = os.environ.get(THREADS_ENV)
+        try:
+            threads = int(env) if env else available_cpus()
+        except ValueError:
+            raise ThreadsError(f"${THREADS_ENV} must be a whole number of threads, got {env!r}") from None
     if threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
+        raise ThreadsError(f"threads must be at least 1, got {threads}")
     os.environ[THREADS_ENV] = str(threads)  # read when TVM's pool starts
     tvm.get_global_func("runtime.config_threadpool")(_AFFINITY_DEFAULT, threads)  # if it already has
     return threads

@@ -24,7 +24,12 @@ from tvm.script import tirx as T
 from ..compile.attention import PAGE_SIZE, QUERY_TILE
 
 KEY_BLOCK = PAGE_SIZE  # keys per block: one page in the dense view
-CHAINS = 4  # independent FMA accumulators per score vector (hides FMA latency); divides head_dim
+MAX_ROW_TILE = 4  # most query rows scored together against each key block loaded
+SCORE_ACCUMULATORS = 12  # zmm accumulators for a row tile's scores (hides FMA latency, fits 32 registers)
+PREFETCH_PAGES = 2  # the dense view prefetches the K and V pages this many blocks ahead
+LINE_FLOATS = 16  # fp32 values per 64-byte cache line
+PREFETCH_LINES = PAGE_SIZE * 64 // LINE_FLOATS  # lines of a K or V page prefetched (all: head_dim 64)
+PREFETCH_READ, PREFETCH_LOCALITY, PREFETCH_DATA = 0, 3, 1  # llvm.prefetch: read, keep in all caches, data
 LOG2E = math.log2(math.e)
 NEG_INF = -3.0e38
 EXP2_MIN = -126.0  # below this 2**x underflows float32; inputs are clamped here
@@ -43,6 +48,19 @@ def fast_exp2(x):
         poly = poly * frac + T.float32(c)
     scale = T.reinterpret("float32", T.shift_left(T.Cast("int32", whole) + 127, 23))
     return poly * scale
+
+
+def row_tile(group: int) -> int:
+    """Query rows processed together: a whole GQA group if it fits, else ``MAX_ROW_TILE`` (padded)."""
+    return group if group <= MAX_ROW_TILE else MAX_ROW_TILE
+
+
+def score_chains(rows: int, head_dim: int) -> int:
+    """Independent accumulators per row over ``d`` (a power of two dividing ``head_dim``)."""
+    chains = 1
+    while rows * chains * 2 <= SCORE_ACCUMULATORS and head_dim % (chains * 2) == 0:
+        chains *= 2
+    return chains
 
 
 def pool_shape(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int) -> list:
@@ -81,9 +99,18 @@ def paged_attention(
     Hq, Hkv, D, P = num_heads, num_kv_heads, head_dim, page_size
     G = Hq // Hkv
     KB = KEY_BLOCK
+    RT = row_tile(G)
+    CH = score_chains(RT, D)
+    ROWS_MAX = QUERY_TILE * G + RT  # rows of a query tile, plus the padding of its last row tile
     if P != KB:
         raise ValueError(f"the CPU attention kernel needs page_size == {KB}")
     scale = LOG2E / math.sqrt(D)
+
+    def chain_sum(part, r, j):
+        total = part[0, r, j]
+        for c in range(1, CH):
+            total = total + part[c, r, j]
+        return total
 
     def load_or_zero(buf, b):
         return 0 if buf is None else buf[b]
@@ -125,18 +152,18 @@ def paged_attention(
             with T.sblock("attn"):
                 T.reads()
                 T.writes()
-                qf = T.sblock_alloc_buffer((QUERY_TILE * G, D), "float32")
-                acc = T.sblock_alloc_buffer((QUERY_TILE * G, D), "float32")
-                row_max = T.sblock_alloc_buffer((QUERY_TILE * G,), "float32")
-                row_sum = T.sblock_alloc_buffer((QUERY_TILE * G, KB), "float32")  # per-lane partial sums
-                part = T.sblock_alloc_buffer((CHAINS, KB), "float32")
+                qf = T.sblock_alloc_buffer((ROWS_MAX, D), "float32")
+                acc = T.sblock_alloc_buffer((ROWS_MAX, D), "float32")
+                row_max = T.sblock_alloc_buffer((ROWS_MAX,), "float32")
+                row_sum = T.sblock_alloc_buffer((ROWS_MAX, KB), "float32")  # per-lane partial sums
+                row_pos = T.sblock_alloc_buffer((ROWS_MAX,), "int32")
+                part = T.sblock_alloc_buffer((CH, RT, KB), "float32")
+                s = T.sblock_alloc_buffer((RT, KB), "float32")
                 tree = T.sblock_alloc_buffer((KB // 2,), "float32")
-                row_pos = T.sblock_alloc_buffer((QUERY_TILE * G,), "int32")
-                s = T.sblock_alloc_buffer((KB,), "float32")
                 kt = T.sblock_alloc_buffer((D, KB), "float32")
                 kpos = T.sblock_alloc_buffer((KB,), "int32")
                 kslot = T.sblock_alloc_buffer((KB,), "int32")
-                step = T.sblock_alloc_buffer((2,), "float32")  # [new max, rescale factor]
+                step = T.sblock_alloc_buffer((RT, 2), "float32")  # per row: [new max, rescale factor]
                 tile: T.let[T.int32] = item // Hkv
                 kh: T.let[T.int32] = item % Hkv
                 r0: T.let[T.int32] = query_tiles[tile, 0]
@@ -145,15 +172,41 @@ def paged_attention(
                 n_static: T.let[T.int32] = load_or_zero(static_len, b)
                 w0: T.let[T.int32] = load_or_zero(window_start, b)
                 n_keys: T.let[T.int32] = n_static + token_pos[r0 + rows - 1] - w0 + 1
-                for m in T.serial(rows * G):
+                n_tiles: T.let[T.int32] = (rows * G + RT - 1) // RT
+                # Rows are (token, head of the group); padding rows of the last row tile repeat the last row.
+                for m in T.serial(n_tiles * RT):
+                    mc: T.let[T.int32] = T.min(m, rows * G - 1)
                     row_max[m] = T.float32(NEG_INF)
                     for j in T.vectorized(KB):
                         row_sum[m, j] = T.float32(0)
-                    row_pos[m] = token_pos[r0 + m // G]
+                    row_pos[m] = token_pos[r0 + mc // G]
                     for d in T.vectorized(D):
-                        qf[m, d] = T.Cast("float32", q[r0 + m // G, kh * G + m % G, d]) * T.float32(scale)
+                        qf[m, d] = T.Cast("float32", q[r0 + mc // G, kh * G + mc % G, d]) * T.float32(scale)
                         acc[m, d] = T.float32(0)
                 for blk in T.serial((n_keys + KB - 1) // KB):
+                    if not sparse:
+                        # Software prefetch of a later page: hardware prefetchers stop at 4 KB pages.
+                        if blk + PREFETCH_PAGES < (n_keys + KB - 1) // KB:
+                            for line in T.serial(PREFETCH_LINES):
+                                for kv in T.unroll(2):
+                                    T.evaluate(
+                                        T.call_llvm_intrin(
+                                            "void",
+                                            "llvm.prefetch.p0",
+                                            T.address_of(
+                                                pool[
+                                                    layer,
+                                                    page_table[b, blk + PREFETCH_PAGES],
+                                                    kv,
+                                                    kh,
+                                                    line * LINE_FLOATS,
+                                                ]
+                                            ),
+                                            T.int32(PREFETCH_READ),
+                                            T.int32(PREFETCH_LOCALITY),
+                                            T.int32(PREFETCH_DATA),
+                                        )
+                                    )
                     for j in T.serial(KB):
                         kpos[j] = T.if_then_else(blk * KB + j < n_keys, blk * KB + j, 2147483647)
                     if sparse:
@@ -168,49 +221,62 @@ def paged_attention(
                                 kt[d, j] = T.Cast(
                                     "float32", pool[layer, kslot[j] // P, 0, kh, d * P + kslot[j] % P]
                                 )
-                    for m in T.serial(rows * G):
-                        # Scores: CHAINS independent accumulators over d hide the FMA latency.
-                        for c in T.unroll(CHAINS):
-                            for j in T.vectorized(KB):
-                                part[c, j] = T.float32(0)
-                        for dc in T.serial(D // CHAINS):
-                            for c in T.unroll(CHAINS):
+                    for mt in T.serial(n_tiles):
+                        # Scores of RT rows: each key vector loaded feeds RT x CH independent accumulators.
+                        for c in T.unroll(CH):
+                            for r in T.unroll(RT):
                                 for j in T.vectorized(KB):
-                                    part[c, j] = part[c, j] + qf[m, dc * CHAINS + c] * key(
-                                        pool, kt, layer, page_table, b, blk, kh, dc * CHAINS + c, j
-                                    )
-                        for j in T.vectorized(KB):
-                            s[j] = T.Select(
-                                kpos[j] <= row_pos[m],
-                                part[0, j] + part[1, j] + part[2, j] + part[3, j],
-                                T.float32(NEG_INF),
-                            )
-                        # Block maximum by halving (vector max instead of a serial chain).
-                        for j in T.vectorized(KB // 2):
-                            tree[j] = T.max(s[j], s[j + KB // 2])
-                        for j in T.vectorized(KB // 4):
-                            tree[j] = T.max(tree[j], tree[j + KB // 4])
-                        for j in T.vectorized(KB // 8):
-                            tree[j] = T.max(tree[j], tree[j + KB // 8])
-                        step[0] = T.max(row_max[m], T.max(tree[0], tree[1]))
-                        step[1] = fast_exp2(row_max[m] - step[0])
-                        row_max[m] = step[0]
-                        for j in T.vectorized(KB):
-                            s[j] = fast_exp2(s[j] - step[0])
-                            row_sum[m, j] = row_sum[m, j] * step[1] + s[j]
-                        for d in T.vectorized(D):
-                            acc[m, d] = acc[m, d] * step[1]
-                        for j in T.serial(T.min(KB, n_keys - blk * KB)):  # never touch unwritten slots
-                            for d in T.vectorized(D):
-                                acc[m, d] = acc[m, d] + s[j] * value(
-                                    pool, kslot, layer, page_table, b, blk, kh, j, d
+                                    part[c, r, j] = T.float32(0)
+                        for dc in T.serial(D // CH):
+                            for c in T.unroll(CH):
+                                for r in T.unroll(RT):
+                                    for j in T.vectorized(KB):
+                                        part[c, r, j] = part[c, r, j] + qf[mt * RT + r, dc * CH + c] * key(
+                                            pool, kt, layer, page_table, b, blk, kh, dc * CH + c, j
+                                        )
+                        for r in T.unroll(RT):
+                            for j in T.vectorized(KB):
+                                s[r, j] = T.Select(
+                                    kpos[j] <= row_pos[mt * RT + r],
+                                    chain_sum(part, r, j),
+                                    T.float32(NEG_INF),
                                 )
+                            # Block maximum by halving (vector max instead of a serial chain).
+                            for j in T.vectorized(KB // 2):
+                                tree[j] = T.max(s[r, j], s[r, j + KB // 2])
+                            for j in T.vectorized(KB // 4):
+                                tree[j] = T.max(tree[j], tree[j + KB // 4])
+                            for j in T.vectorized(KB // 8):
+                                tree[j] = T.max(tree[j], tree[j + KB // 8])
+                            step[r, 0] = T.max(row_max[mt * RT + r], T.max(tree[0], tree[1]))
+                            step[r, 1] = fast_exp2(row_max[mt * RT + r] - step[r, 0])
+                            row_max[mt * RT + r] = step[r, 0]
+                            for j in T.vectorized(KB):
+                                s[r, j] = fast_exp2(s[r, j] - step[r, 0])
+                                row_sum[mt * RT + r, j] = row_sum[mt * RT + r, j] * step[r, 1] + s[r, j]
+                            for d in T.vectorized(D):
+                                acc[mt * RT + r, d] = acc[mt * RT + r, d] * step[r, 1]
+                        # Values: each value vector loaded feeds the RT rows' accumulators.
+                        if n_keys - blk * KB >= KB:  # a full block, unrolled: acc stays in registers
+                            for j in T.unroll(KB):
+                                for r in T.unroll(RT):
+                                    for d in T.vectorized(D):
+                                        acc[mt * RT + r, d] = acc[mt * RT + r, d] + s[r, j] * value(
+                                            pool, kslot, layer, page_table, b, blk, kh, j, d
+                                        )
+                        else:
+                            for j in T.serial(n_keys - blk * KB):  # never touch unwritten slots
+                                for r in T.unroll(RT):
+                                    for d in T.vectorized(D):
+                                        acc[mt * RT + r, d] = acc[mt * RT + r, d] + s[r, j] * value(
+                                            pool, kslot, layer, page_table, b, blk, kh, j, d
+                                        )
                 for m in T.serial(rows * G):
-                    step[0] = T.float32(0)
+                    step[0, 0] = T.float32(0)
                     for j in T.serial(KB):
-                        step[0] = step[0] + row_sum[m, j]
+                        step[0, 0] = step[0, 0] + row_sum[m, j]
                     for d in T.vectorized(D):
-                        out[r0 + m // G, kh * G + m % G, d] = T.Cast(dtype, acc[m, d] / step[0])
+                        out[r0 + m // G, kh * G + m % G, d] = T.Cast(dtype, acc[m, d] / step[0, 0])
 
     if sparse:
 

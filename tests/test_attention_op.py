@@ -32,10 +32,11 @@ def kernels():
 def reference(q, keys, values, key_lists):
     """Softmax attention of q[n, HQ, D] over keys[b][pos, HKV, D] at the positions in key_lists[t][h]."""
     out = np.zeros_like(q, dtype=np.float64)
-    group = HQ // HKV
+    heads = q.shape[1]
+    group = heads // HKV
     for t in range(q.shape[0]):
         b, positions = key_lists[t]
-        for h in range(HQ):
+        for h in range(heads):
             kh = h // group
             pos = positions[kh]
             s = keys[b][pos, kh] @ q[t, h] / np.sqrt(D)
@@ -139,6 +140,32 @@ def test_sparse_view_matches_numpy(kernels, new_per_seq):
         lists.append(
             (int(b), [np.concatenate([static_pos[b, LAYER, h, : budgets[b]], window]) for h in range(HKV)])
         )
+    np.testing.assert_allclose(out.numpy(), reference(q, keys, values, lists), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("heads", [HKV, 5 * HKV, 8 * HKV])  # one row, a padded row tile, two row tiles
+def test_dense_view_any_group_size(kernels, heads):
+    """GQA groups of other sizes than the fixture's (row tiles of the group, padding of the last tile)."""
+    target = host_llvm()
+    func = cpu_attention.paged_attention(heads, HKV, D, PAGE_SIZE, "float32", False)
+    dense = tvm.compile(tvm.IRModule({"main": func}), target=target)["main"]
+    rng = np.random.default_rng(heads)
+    lengths = [50, 33]
+    page_table, keys, values, seq_rows, positions, num_pages = make_batch(rng, lengths, 4)
+    pool = fill_pool(kernels, page_table, keys, values, num_pages)
+    q = rng.standard_normal((len(seq_rows), heads, D)).astype(np.float32)
+    out = tvm.runtime.empty(q.shape, "float32")
+    dense(
+        tvm.runtime.tensor(q),
+        pool,
+        tvm.runtime.tensor(page_table),
+        tvm.runtime.tensor(seq_rows),
+        tvm.runtime.tensor(positions),
+        tvm.runtime.tensor(query_tiles(seq_rows)),
+        LAYER,
+        out,
+    )
+    lists = [(int(b), [np.arange(p + 1)] * HKV) for b, p in zip(seq_rows, positions)]
     np.testing.assert_allclose(out.numpy(), reference(q, keys, values, lists), atol=2e-5, rtol=1e-4)
 
 

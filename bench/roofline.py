@@ -1,0 +1,155 @@
+"""The memory roofline of decoding on this CPU: measured bandwidth and FLOP/s, and what they allow.
+
+A decode step reads every weight once and each sequence's KV cache once, so the fastest a step can be is
+``bytes(step) / bandwidth`` with ``bytes(step) = W + batch * KV(context)`` (see MAGICDEC.md).
+
+- **Bandwidth** is a STREAM-like triad ``a = b + s * c`` over three arrays far larger than the caches,
+  counting 3 array passes of bytes (two reads, one write), timed with numpy over ``threads`` threads (one
+  contiguous slice per thread, numpy releases the GIL in ufuncs; ``s * c`` goes through a small buffer
+  that stays in cache, so memory sees exactly the triad's traffic).
+- **FLOP/s** is an fp32 matmul of ``MATMUL_SIZE`` square matrices (torch's BLAS on ``threads`` threads when
+  torch is installed, else numpy's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..compile.config import ModelConfig
+
+TRIAD_BYTES = 256 << 20  # bytes per triad array (three of them: far larger than any CPU cache)
+TRIAD_PASSES = 3  # a triad reads two arrays and writes one
+TRIAD_REPEATS = 7
+TRIAD_CHUNK = 1 << 15  # floats per cache-resident step of the triad (128 KB)
+MATMUL_SIZE = 2048
+MATMUL_REPEATS = 5
+SCALAR = np.float32(3.0)
+GB = 1e9
+
+
+@dataclasses.dataclass
+class Machine:
+    """Measured bandwidth (best and median triad, bytes/s) and fp32 matmul FLOP/s of this machine."""
+
+    bandwidth_best: float
+    bandwidth_median: float
+    matmul_flops: float
+    threads: int
+
+
+def _triad_once(a: np.ndarray, b: np.ndarray, c: np.ndarray, pool: ThreadPoolExecutor, threads: int) -> float:
+    bounds = np.linspace(0, a.size, threads + 1).astype(int)
+
+    def part(i: int) -> None:
+        tmp = np.empty(TRIAD_CHUNK, np.float32)  # stays in L2: memory sees only a, b and c
+        for lo in range(bounds[i], bounds[i + 1], TRIAD_CHUNK):
+            hi = min(lo + TRIAD_CHUNK, bounds[i + 1])
+            t = tmp[: hi - lo]
+            np.multiply(c[lo:hi], SCALAR, out=t)
+            np.add(b[lo:hi], t, out=a[lo:hi])
+
+    t0 = time.perf_counter()
+    list(pool.map(part, range(threads)))
+    return time.perf_counter() - t0
+
+
+def triad_bandwidth(
+    threads: int, array_bytes: int = TRIAD_BYTES, repeats: int = TRIAD_REPEATS
+) -> list[float]:
+    """Bytes/s of each of ``repeats`` triads ``a = b + s * c`` (after a warm-up that faults pages in)."""
+    n = array_bytes // np.dtype(np.float32).itemsize
+    a = np.zeros(n, np.float32)
+    b = np.ones(n, np.float32)
+    c = np.full(n, 2.0, np.float32)
+    with ThreadPoolExecutor(threads) as pool:
+        _triad_once(a, b, c, pool, threads)
+        rates = [TRIAD_PASSES * array_bytes / _triad_once(a, b, c, pool, threads) for _ in range(repeats)]
+    if not np.allclose(a[:: n // 16], b[:: n // 16] + SCALAR * c[:: n // 16]):
+        raise AssertionError("the triad computed a wrong result")
+    return rates
+
+
+def matmul_flops(threads: int, size: int = MATMUL_SIZE, repeats: int = MATMUL_REPEATS) -> float:
+    """Best fp32 FLOP/s of ``size``-square matmuls: torch (MKL/oneDNN) on ``threads`` threads if installed,
+    else numpy's BLAS (with its own thread count)."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((size, size), dtype=np.float32)
+    y = rng.standard_normal((size, size), dtype=np.float32)
+    if torch is not None:
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+    try:
+        x @ y
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - t0)
+    finally:
+        if torch is not None:
+            torch.set_num_threads(saved)
+    return 2 * size**3 / min(times)
+
+
+def measure(threads: int) -> Machine:
+    rates = triad_bandwidth(threads)
+    return Machine(max(rates), statistics.median(rates), matmul_flops(threads), threads)
+
+
+def weight_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
+    """Bytes of the weights a decode step reads: every linear layer, the norms and the lm_head (one
+    embedding row per token is negligible and not counted)."""
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    qkv = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * d + (
+        (cfg.num_heads + 2 * cfg.num_kv_heads) * d if cfg.qkv_bias else 0
+    )
+    per_layer = qkv + cfg.num_heads * d * h + 3 * h * i + 2 * h
+    return (cfg.num_layers * per_layer + h + h * cfg.vocab_size) * dtype_bytes
+
+
+def kv_bytes(cfg: ModelConfig, context: int, dtype_bytes: int) -> int:
+    """Bytes of one sequence's KV cache at ``context`` tokens: ``2 * layers * kv_heads * head_dim * L``."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context * dtype_bytes
+
+
+def step_bytes(cfg: ModelConfig, batch: int, context: int, dtype_bytes: int) -> int:
+    return weight_bytes(cfg, dtype_bytes) + batch * kv_bytes(cfg, context, dtype_bytes)
+
+
+def roofline_rows(
+    cfg: ModelConfig, batches: Sequence[int], contexts: Sequence[int], dtype_bytes: int, bandwidth: float
+) -> list[dict]:
+    """For each (batch, context): bytes a step reads and the tokens/s the bandwidth allows."""
+    rows = []
+    for batch in batches:
+        for context in contexts:
+            w, kv = weight_bytes(cfg, dtype_bytes), batch * kv_bytes(cfg, context, dtype_bytes)
+            rows.append(
+                {
+                    "batch": batch,
+                    "context": context,
+                    "weight_bytes": w,
+                    "kv_bytes": kv,
+                    "step_bytes": w + kv,
+                    "max_tok_s": batch * bandwidth / (w + kv),
+                }
+            )
+    return rows
+
+
+def bandwidth_fraction(
+    cfg: ModelConfig, batch: int, context: int, dtype_bytes: int, step_s: float, bandwidth: float
+) -> float:
+    """Achieved bytes/s of a decode step taking ``step_s`` seconds, as a fraction of ``bandwidth``."""
+    return step_bytes(cfg, batch, context, dtype_bytes) / step_s / bandwidth

@@ -1,0 +1,146 @@
+"""The CPU benchmark harness: roofline byte counts (against a transformers model), the F32/F16 GGUF conversion
+(against gguf's own dequantization), the kernel profile, and the peer table's arithmetic."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_hf_model
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+from gguf.quants import dequantize, quantize
+
+from mlc_magicdec.bench import gguf_convert, peers, profile, roofline
+from mlc_magicdec.compile.config import ModelConfig
+from mlc_magicdec.runtime.engine import Engine
+
+FP32 = 4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # untied embeddings; tied embeddings with qkv bias
+def test_step_bytes_match_transformers(tmp_path, family):
+    folder, model = make_tiny_hf_model(tmp_path, family)
+    cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    # A step reads every parameter but the embedding table (its lm_head copy is read when tied).
+    params = model.named_parameters()
+    read = sum(p.numel() for n, p in params if "embed_tokens" not in n or cfg.tie_word_embeddings)
+    assert roofline.weight_bytes(cfg, FP32) == read * FP32
+    context = 37
+    with torch.no_grad():
+        cache = model(torch.arange(3, 3 + context)[None], use_cache=True).past_key_values
+    kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert roofline.kv_bytes(cfg, context, FP32) == kv
+    rows = roofline.roofline_rows(cfg, [1, 4], [context], FP32, bandwidth=1e9)
+    assert rows[1]["step_bytes"] == read * FP32 + 4 * kv
+    assert rows[1]["max_tok_s"] == pytest.approx(4 * 1e9 / (read * FP32 + 4 * kv))
+
+
+def test_triad_and_matmul_rates_are_plausible():
+    rates = roofline.triad_bandwidth(threads=2, array_bytes=16 << 20, repeats=2)
+    assert len(rates) == 2 and all(1e8 < r < 1e13 for r in rates)
+    assert 1e8 < roofline.matmul_flops(threads=1, size=256, repeats=2) < 1e14
+
+
+def _tiny_gguf(path):
+    """A GGUF with a Q4_1 matrix, a Q8_0 matrix, an F32 vector and metadata of several types."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    e = rng.standard_normal((4, 32)).astype(np.float32)
+    norm = rng.standard_normal(64).astype(np.float32)
+    writer = GGUFWriter(path, "llama")
+    writer.add_uint32("llama.block_count", 1)
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    writer.add_token_list(["<a>", "<b>", "c"])
+    writer.add_file_type(int(LlamaFileType.MOSTLY_Q4_1))
+    writer.add_tensor("blk.0.ffn_up.weight", quantize(w, GGMLQuantizationType.Q4_1),
+                      raw_dtype=GGMLQuantizationType.Q4_1)
+    writer.add_tensor("token_embd.weight", quantize(e, GGMLQuantizationType.Q8_0),
+                      raw_dtype=GGMLQuantizationType.Q8_0)
+    writer.add_tensor("blk.0.ffn_norm.weight", norm)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_gguf_conversion_keeps_weights_and_metadata(tmp_path, dtype):
+    src = tmp_path / "tiny.Q4_1.gguf"
+    _tiny_gguf(src)
+    out = gguf_convert.convert(src, dtype)
+    assert out == tmp_path / f"tiny.Q4_1.{dtype.upper()}.gguf"
+    a, b = GGUFReader(src), GGUFReader(out)
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    wide = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16}[dtype]
+    for ta, tb in zip(a.tensors, b.tensors):
+        assert list(ta.shape) == list(tb.shape)
+        expected = dequantize(ta.data, ta.tensor_type).reshape(-1)
+        if len(ta.shape) == 1:
+            assert tb.tensor_type == GGMLQuantizationType.F32  # norms stay F32, as llama.cpp writes them
+        else:
+            assert tb.tensor_type == wide
+            expected = expected.astype(np.float16 if dtype == "f16" else np.float32)
+        np.testing.assert_array_equal(np.asarray(tb.data).reshape(-1), expected)
+    file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16}[dtype]
+    assert b.get_field("general.file_type").contents() == int(file_type)
+    for key in ("general.architecture", "llama.block_count", "tokenizer.ggml.tokens"):
+        assert b.get_field(key).contents() == a.get_field(key).contents()
+    eps = b.get_field("llama.attention.layer_norm_rms_epsilon")
+    assert eps.types[0] == GGUFValueType.FLOAT32 and eps.contents() == pytest.approx(1e-5)
+    assert gguf_convert.convert(src, dtype) == out  # cached
+
+
+def test_gguf_conversion_rejects_unknown_dtype(tmp_path):
+    with pytest.raises(gguf_convert.ConversionError, match="unknown GGUF dtype"):
+        gguf_convert.convert(tmp_path / "x.gguf", "q2")
+
+
+def test_llama_gguf_uses_the_shipped_file_for_its_own_type(tmp_path):
+    src = tmp_path / "model.Q4_1.gguf"
+    assert peers.llama_gguf(src, "q4_1") == src
+
+
+def test_profile_times_every_kernel_of_a_step(tiny_models):
+    _, model, artifact = tiny_models("llama")
+    engine = Engine(artifact, threads=1)
+    layers = model.config.num_hidden_layers
+    for step, attention in (("decode", "dense_attention_cpu"), ("verify", "dense_attention_cpu"),
+                            ("draft", "sparse_attention_cpu")):
+        kernels, wall = profile.profile_step(engine, step, 2, context=100, gamma=2, budget=48, repeats=2)
+        by_name = {k.name: k for k in kernels}
+        assert by_name[attention].calls == layers
+        assert by_name["kv_append_cpu"].calls == layers
+        total = sum(k.seconds for k in kernels if profile.is_kernel(k.name))
+        assert 0 < total <= wall
+        assert kernels == sorted(kernels, key=lambda k: -k.seconds)
+
+
+def _row(system, tok_s, batch=8, context=8192):
+    return {"system": system, "batch": batch, "context": context, "decode_tok_s": tok_s, "prefill_tok_s": 1.0}
+
+
+def test_ratios_and_targets():
+    rows = [
+        _row(peers.OURS_PLAIN, 40.0),
+        _row("ours, MagicDec (snapkv/256, gamma 3)", 60.0),
+        _row(peers.TRANSFORMERS, 10.0),
+        _row("llama.cpp F32 (flash attn off)", 25.0),
+        _row("llama.cpp F32 (flash attn on)", 15.0),
+        _row("llama.cpp Q4_1 (flash attn off)", 50.0),
+    ]
+    peers.add_ratios(rows)
+    assert rows[2]["plain_ratio"] == 4.0 and rows[5]["magicdec_ratio"] == 1.2
+    assert peers.best_peer(rows, 8, 8192)["system"] == "llama.cpp Q4_1 (flash attn off)"
+    lines = peers.target_lines(rows, {(8, 8192): 0.8})
+    assert not any(line.startswith("bandwidth used") for line in lines)  # set at batch 8 x 4k only
+    at_4k = [{**r, "context": 4096} for r in rows]
+    assert "bandwidth used, plain, batch 8 x 4096: 60% (target 70%: missed by 14%)" in peers.target_lines(
+        at_4k, {(8, 4096): 0.6}
+    )
+    assert "plain vs transformers, batch 8 x 8192: 4.00x (target 1.0x: met)" in lines
+    llama = "plain vs best llama.cpp F32 (flash attn off), batch 8 x 8192: 1.60x (target 2.0x: missed by 20%)"
+    assert llama in lines
+    magic = [line for line in lines if line.startswith("MagicDec vs best peer (llama.cpp Q4_1")]
+    assert len(magic) == 1 and "1.20x (target 1.5x: missed by 20%)" in magic[0]
