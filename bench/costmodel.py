@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -143,9 +144,26 @@ HARDWARE_ALIASES = {
 _TP_PREFIX = re.compile(r"^(\d+)\s*[x*]\s*(.+)$")
 
 
+MEASURED_CPU = "cpu"
+
+
+def this_cpu(threads: int | None = None) -> Hardware:
+    """This machine's CPU, measured now: triad bandwidth (median) and fp32 matmul FLOP/s (``bench/roofline``),
+    and its physical memory."""
+    from ..runtime.threads import available_cpus
+    from . import roofline
+
+    machine = roofline.measure(threads or available_cpus())
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return Hardware(MEASURED_CPU, machine.bandwidth_median, machine.matmul_flops, memory=float(memory))
+
+
 def parse_hardware(spec: str) -> Hardware:
-    """``"rtx4090"``, ``"8xA100"``, ``"8xh100"``: a preset (case-insensitive), ``Nx`` = N devices in TP."""
+    """``"rtx4090"``, ``"8xA100"``, ``"8xh100"``: a preset (case-insensitive), ``Nx`` = N devices in TP;
+    ``"cpu"``: this machine's CPU, measured on the spot (a few seconds)."""
     text = spec.strip().lower().replace("_", "-").replace(" ", "")
+    if text == MEASURED_CPU:
+        return this_cpu()
     devices = 1
     m = _TP_PREFIX.match(text)
     if m:
@@ -155,7 +173,8 @@ def parse_hardware(spec: str) -> Hardware:
     hw = HARDWARE_PRESETS.get(HARDWARE_ALIASES.get(text, text))
     if hw is None:
         raise CostModelError(
-            f"unknown hardware {spec!r}; choose from {', '.join(HARDWARE_PRESETS)} (prefix Nx for N devices)"
+            f"unknown hardware {spec!r}; choose from {', '.join(HARDWARE_PRESETS)} (prefix Nx for N devices) "
+            f"or {MEASURED_CPU} (measured here)"
         )
     return hw.with_devices(devices)
 

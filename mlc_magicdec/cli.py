@@ -718,7 +718,8 @@ def demo_cmd(max_new_tokens: int, threads: int | None) -> None:
     "--hardware",
     default="rtx4090",
     show_default=True,
-    help="rtx4090, a100-80gb, h100-sxm, h200, m2-max, m3-max; prefix Nx for N devices (8xA100).",
+    help="rtx4090, a100-80gb, h100-sxm, h200, m2-max, m3-max; prefix Nx for N devices (8xA100); cpu: this "
+    "machine's CPU, its bandwidth and FLOP/s measured now.",
 )
 @click.option(
     "--batch",

@@ -437,3 +437,18 @@ def test_memory_check_by_hand():
     assert cm.fits(LLAMA_8B, cm.Hardware("no spec", 1e12, 1e14), 256, 131072) is None
     plan = cm.best_plan(LLAMA_8B, rtx, 64, 1024, 0.85, with_critical_length=False)
     assert plan.fits is False and plan.to_dict()["fits"] is False
+
+
+def test_cpu_hardware_is_measured_here(monkeypatch):
+    from mlc_magicdec.bench import roofline
+
+    measured = roofline.Machine(bandwidth_best=25e9, bandwidth_median=20e9, matmul_flops=120e9, threads=2)
+    monkeypatch.setattr(roofline, "measure", lambda threads: measured)
+    hw = cm.parse_hardware("CPU")
+    assert (hw.name, hw.bandwidth, hw.peak_flops, hw.devices) == ("cpu", 20e9, 120e9, 1)
+    assert hw.memory > 1e9  # this machine's RAM
+    # a step of SmolLM2-sized weights at 20 GB/s, by hand
+    spec = cm.ModelSpec(TOY, 4)
+    assert cm.t_target(spec, hw, 1, 10) == pytest.approx(
+        max((spec.weight_bytes + 10 * spec.kv_bytes_per_token) / 20e9,
+            (2 * spec.step_param_count + spec.attention_flops_per_entry * 10) / 120e9))
