@@ -111,8 +111,8 @@ def read_bandwidth(threads: int, array_bytes: int = TRIAD_BYTES, repeats: int = 
 def triad_bandwidth(
     threads: int, array_bytes: int = TRIAD_BYTES, repeats: int = TRIAD_REPEATS
 ) -> list[float]:
-    """Bytes/s of each of ``repeats`` triads ``a = b + s * c`` (after a warm-up that faults pages in), run by a
-    compiled kernel on TVM's thread pool with ``threads`` threads."""
+    """Bytes/s of each of ``repeats`` triads ``a = b + s * c`` (after a warm-up that faults pages in), run by
+    a compiled kernel on TVM's thread pool with ``threads`` threads."""
     import tvm
 
     from ..runtime.threads import configure_threads
@@ -164,7 +164,8 @@ def matmul_flops(threads: int, size: int = MATMUL_SIZE, repeats: int = MATMUL_RE
 def measure(threads: int) -> Machine:
     rates = triad_bandwidth(threads)
     reads = read_bandwidth(threads)
-    return Machine(max(rates), statistics.median(rates), matmul_flops(threads), threads, statistics.median(reads))
+    flops = matmul_flops(threads)
+    return Machine(max(rates), statistics.median(rates), flops, threads, statistics.median(reads))
 
 
 def weight_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
