@@ -33,11 +33,16 @@ mlc-magicdec bench "$art" --roofline --batch 1,8 --context 1024,4096,8192 --thre
 
 # The kernel profile (VM instrument) of a decode, verify (gamma 2) and draft (SnapKV 256) step. profile_before.txt
 # was measured the same way on an artifact compiled from commit 36a9bfc (the kernels before issue #5).
-mlc-magicdec bench "$art" --profile --batch 1,8 --context 4096,8192 --gamma 2 --budget 256 --threads "$threads" \
+mlc-magicdec bench "$art" --profile --batch 8 --context 8192 --gamma 2 --budget 256 --threads "$threads" \
   --json "$out/profile_after.json" | tee "$out/profile_after.txt"
 
 # Ours (plain and MagicDec) against transformers and llama.cpp (Q4_1 and F32, flash attention off and on, prompt
 # lookup at batch 1): batch 1 and 8 x 1k, 4k, 8k contexts, 128 new tokens, medians of 3 (1 for the slowest peers).
-mlc-magicdec bench "$art" --peers --batch 1,8 --context 1024,4096,8192 --new-tokens 128 --repeats 3 \
-  --peer-repeats 1 --draft snapkv --budget 256 --gamma 2 --threads "$threads" \
-  --json "$out/peers_cpu.json" | tee "$out/peers_cpu.txt"
+# One command per cell, so that each cell's table is written as soon as it is measured.
+for batch in 8 1; do
+  for context in 8192 4096 1024; do
+    mlc-magicdec bench "$art" --peers --batch "$batch" --context "$context" --new-tokens 128 --repeats 3 \
+      --peer-repeats 1 --draft snapkv --budget 256 --gamma 2 --threads "$threads" \
+      --json "$out/peers_b${batch}_c${context}.json" | tee "$out/peers_b${batch}_c${context}.txt"
+  done
+done

@@ -130,8 +130,9 @@ def roofline_table(machine, rows: list[dict]) -> Table:
     table = Table(
         title=(
             f"roofline: triad bandwidth {machine.bandwidth_median / gb:.1f} GB/s median "
-            f"({machine.bandwidth_best / gb:.1f} best), fp32 matmul {machine.matmul_flops / gb:.0f} GFLOP/s, "
-            f"{machine.threads} threads"
+            f"({machine.bandwidth_best / gb:.1f} best), read-only {machine.read_bandwidth / gb:.1f} GB/s, "
+            f"fp32 matmul {machine.matmul_flops / gb:.0f} GFLOP/s, {machine.threads} threads; "
+            f"max tok/s from the triad"
         )
     )
     for col in ("batch", "context", "weights GB", "KV GB", "step GB", "max tok/s"):

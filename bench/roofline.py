@@ -4,9 +4,10 @@ A decode step reads every weight once and each sequence's KV cache once, so the 
 ``bytes(step) / bandwidth`` with ``bytes(step) = W + batch * KV(context)`` (see MAGICDEC.md).
 
 - **Bandwidth** is a STREAM-like triad ``a = b + s * c`` over three arrays far larger than the caches,
-  counting 3 array passes of bytes (two reads, one write), timed with numpy over ``threads`` threads (one
-  contiguous slice per thread, numpy releases the GIL in ufuncs; ``s * c`` goes through a small buffer
-  that stays in cache, so memory sees exactly the triad's traffic).
+  counting 3 array passes of bytes (two reads, one write) as STREAM does; a compiled, vectorized kernel runs
+  it on TVM's thread pool with ``threads`` threads, the pool our kernels use.
+- **Read bandwidth** (reported alongside): read-only passes over one such array, the access pattern of a
+  decode step, which reads weights and KV and writes almost nothing.
 - **FLOP/s** is an fp32 matmul of ``MATMUL_SIZE`` square matrices (torch's BLAS on ``threads`` threads when
   torch is installed, else numpy's).
 """
@@ -17,7 +18,6 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -26,7 +26,8 @@ from ..compile.config import ModelConfig
 TRIAD_BYTES = 256 << 20  # bytes per triad array (three of them: far larger than any CPU cache)
 TRIAD_PASSES = 3  # a triad reads two arrays and writes one
 TRIAD_REPEATS = 7
-TRIAD_CHUNK = 1 << 15  # floats per cache-resident step of the triad (128 KB)
+TRIAD_CHUNK = 1 << 14  # floats per parallel work item of the triad and the read pass
+LANES = 16  # fp32 lanes of one AVX-512 register (partial sums of the read pass)
 MATMUL_SIZE = 2048
 MATMUL_REPEATS = 5
 SCALAR = np.float32(3.0)
@@ -41,36 +42,94 @@ class Machine:
     bandwidth_median: float
     matmul_flops: float
     threads: int
+    read_bandwidth: float = 0.0  # median of read-only passes (a decode step only reads), bytes/s
 
 
-def _triad_once(a: np.ndarray, b: np.ndarray, c: np.ndarray, pool: ThreadPoolExecutor, threads: int) -> float:
-    bounds = np.linspace(0, a.size, threads + 1).astype(int)
+def _triad_kernel(n: int):
+    """``a = b + SCALAR * c`` over ``n`` floats: parallel over chunks, vectorized within (TVM, llvm)."""
+    import tvm
+    from tvm.script import tirx as T
 
-    def part(i: int) -> None:
-        tmp = np.empty(TRIAD_CHUNK, np.float32)  # stays in L2: memory sees only a, b and c
-        for lo in range(bounds[i], bounds[i + 1], TRIAD_CHUNK):
-            hi = min(lo + TRIAD_CHUNK, bounds[i + 1])
-            t = tmp[: hi - lo]
-            np.multiply(c[lo:hi], SCALAR, out=t)
-            np.add(b[lo:hi], t, out=a[lo:hi])
+    from ..compile.targets import host_llvm
 
-    t0 = time.perf_counter()
-    list(pool.map(part, range(threads)))
-    return time.perf_counter() - t0
+    chunks = n // TRIAD_CHUNK
+
+    @T.prim_func(s_tir=True)
+    def triad(a: T.Buffer((n,), "float32"), b: T.Buffer((n,), "float32"), c: T.Buffer((n,), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        for o in T.parallel(chunks):
+            for i in T.vectorized(TRIAD_CHUNK):
+                a[o * TRIAD_CHUNK + i] = b[o * TRIAD_CHUNK + i] + SCALAR * c[o * TRIAD_CHUNK + i]
+
+    return tvm.compile(tvm.IRModule({"main": triad}), target=host_llvm())["main"]
+
+
+def _read_kernel(n: int):
+    """Per-chunk, per-lane sums of ``b`` (``n`` floats): a read-only stream, like a decode step's."""
+    import tvm
+    from tvm.script import tirx as T
+
+    from ..compile.targets import host_llvm
+
+    chunks = n // TRIAD_CHUNK
+
+    @T.prim_func(s_tir=True)
+    def read(b: T.Buffer((n,), "float32"), sums: T.Buffer((chunks, LANES), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        for o in T.parallel(chunks):
+            for lane in T.vectorized(LANES):
+                sums[o, lane] = T.float32(0)
+            for i in T.serial(TRIAD_CHUNK // LANES):
+                for lane in T.vectorized(LANES):
+                    sums[o, lane] = sums[o, lane] + b[o * TRIAD_CHUNK + i * LANES + lane]
+
+    return tvm.compile(tvm.IRModule({"main": read}), target=host_llvm())["main"]
+
+
+def read_bandwidth(threads: int, array_bytes: int = TRIAD_BYTES, repeats: int = TRIAD_REPEATS) -> list[float]:
+    """Bytes/s of each of ``repeats`` read-only passes over an array far larger than the caches."""
+    import tvm
+
+    from ..runtime.threads import configure_threads
+
+    configure_threads(threads)
+    n = array_bytes // np.dtype(np.float32).itemsize // TRIAD_CHUNK * TRIAD_CHUNK
+    kernel = _read_kernel(n)
+    b = tvm.runtime.tensor(np.ones(n, np.float32))
+    sums = tvm.runtime.empty((n // TRIAD_CHUNK, LANES), "float32")
+    kernel(b, sums)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        kernel(b, sums)
+        rates.append(n * np.dtype(np.float32).itemsize / (time.perf_counter() - t0))
+    if not np.allclose(sums.numpy().sum(), n):
+        raise AssertionError("the read pass computed a wrong sum")
+    return rates
 
 
 def triad_bandwidth(
     threads: int, array_bytes: int = TRIAD_BYTES, repeats: int = TRIAD_REPEATS
 ) -> list[float]:
-    """Bytes/s of each of ``repeats`` triads ``a = b + s * c`` (after a warm-up that faults pages in)."""
-    n = array_bytes // np.dtype(np.float32).itemsize
-    a = np.zeros(n, np.float32)
-    b = np.ones(n, np.float32)
-    c = np.full(n, 2.0, np.float32)
-    with ThreadPoolExecutor(threads) as pool:
-        _triad_once(a, b, c, pool, threads)
-        rates = [TRIAD_PASSES * array_bytes / _triad_once(a, b, c, pool, threads) for _ in range(repeats)]
-    if not np.allclose(a[:: n // 16], b[:: n // 16] + SCALAR * c[:: n // 16]):
+    """Bytes/s of each of ``repeats`` triads ``a = b + s * c`` (after a warm-up that faults pages in), run by
+    a compiled kernel on TVM's thread pool with ``threads`` threads."""
+    import tvm
+
+    from ..runtime.threads import configure_threads
+
+    configure_threads(threads)
+    n = array_bytes // np.dtype(np.float32).itemsize // TRIAD_CHUNK * TRIAD_CHUNK
+    kernel = _triad_kernel(n)
+    a = tvm.runtime.tensor(np.zeros(n, np.float32))
+    b = tvm.runtime.tensor(np.ones(n, np.float32))
+    c = tvm.runtime.tensor(np.full(n, 2.0, np.float32))
+    kernel(a, b, c)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        kernel(a, b, c)
+        rates.append(TRIAD_PASSES * n * np.dtype(np.float32).itemsize / (time.perf_counter() - t0))
+    if not np.allclose(a.numpy()[:: n // 16], 1.0 + float(SCALAR) * 2.0):
         raise AssertionError("the triad computed a wrong result")
     return rates
 
@@ -104,7 +163,9 @@ def matmul_flops(threads: int, size: int = MATMUL_SIZE, repeats: int = MATMUL_RE
 
 def measure(threads: int) -> Machine:
     rates = triad_bandwidth(threads)
-    return Machine(max(rates), statistics.median(rates), matmul_flops(threads), threads)
+    reads = read_bandwidth(threads)
+    flops = matmul_flops(threads)
+    return Machine(max(rates), statistics.median(rates), flops, threads, statistics.median(reads))
 
 
 def weight_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:

@@ -40,6 +40,8 @@ def test_step_bytes_match_transformers(tmp_path, family):
 def test_triad_and_matmul_rates_are_plausible():
     rates = roofline.triad_bandwidth(threads=2, array_bytes=16 << 20, repeats=2)
     assert len(rates) == 2 and all(1e8 < r < 1e13 for r in rates)
+    reads = roofline.read_bandwidth(threads=2, array_bytes=16 << 20, repeats=2)
+    assert len(reads) == 2 and all(1e8 < r < 1e13 for r in reads)
     assert 1e8 < roofline.matmul_flops(threads=1, size=256, repeats=2) < 1e14
 
 
