@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..compile.config import ModelConfig
+from .costmodel import ModelSpec
 
 TRIAD_BYTES = 256 << 20  # bytes per triad array (three of them: far larger than any CPU cache)
 TRIAD_PASSES = 3  # a triad reads two arrays and writes one
@@ -169,19 +170,14 @@ def measure(threads: int) -> Machine:
 
 
 def weight_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
-    """Bytes of the weights a decode step reads: every linear layer, the norms and the lm_head (one
-    embedding row per token is negligible and not counted)."""
-    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    qkv = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * d + (
-        (cfg.num_heads + 2 * cfg.num_kv_heads) * d if cfg.qkv_bias else 0
-    )
-    per_layer = qkv + cfg.num_heads * d * h + 3 * h * i + 2 * h
-    return (cfg.num_layers * per_layer + h + h * cfg.vocab_size) * dtype_bytes
+    """Bytes of the weights a decode step reads (the cost model's ``W``: every linear layer, the norms and
+    the lm_head; one embedding row per token is negligible and not counted)."""
+    return ModelSpec(cfg, dtype_bytes).weight_bytes
 
 
 def kv_bytes(cfg: ModelConfig, context: int, dtype_bytes: int) -> int:
     """Bytes of one sequence's KV cache at ``context`` tokens: ``2 * layers * kv_heads * head_dim * L``."""
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context * dtype_bytes
+    return ModelSpec(cfg, dtype_bytes).kv_bytes_per_token * context
 
 
 def step_bytes(cfg: ModelConfig, batch: int, context: int, dtype_bytes: int) -> int:
