@@ -9,6 +9,9 @@ Page layout on CPU (the last axis of the pool, ``page_size * head_dim`` values p
 Attention is tiled the way flash-attention is: one parallel work item per (query tile, KV head). A query tile
 is a run of consecutive tokens of one sequence (given by ``query_tiles``), and all its tokens times all query
 heads of the GQA group share each block of ``KEY_BLOCK`` keys loaded, with an online softmax over blocks.
+When there are too few items to keep every thread busy (a decode or verify step of a small batch: batch 1
+has one item per KV head), the dense view also splits each sequence's keys into ranges, one item each, and
+a second pass merges the ranges' partial softmax sums (flash-decoding).
 ``exp2`` is a vectorizable polynomial (``fast_exp2``) instead of a libm call per score.
 
 The semantics of every buffer are documented in ``mlc_magicdec.compile.attention``.
@@ -30,6 +33,9 @@ PREFETCH_PAGES = 2  # the dense view prefetches the K and V pages this many bloc
 LINE_FLOATS = 16  # fp32 values per 64-byte cache line
 PREFETCH_LINES = PAGE_SIZE * 64 // LINE_FLOATS  # lines of a K or V page prefetched (all: head_dim 64)
 PREFETCH_READ, PREFETCH_LOCALITY, PREFETCH_DATA = 0, 3, 1  # llvm.prefetch: read, keep in all caches, data
+PARALLEL_ITEMS = 24  # the dense view splits keys until a step has about this many items (threads to balance)
+MAX_SPLITS = 16  # most key ranges per item
+MIN_SPLIT_BLOCKS = 16  # fewest key blocks in a range (256 keys)
 LOG2E = math.log2(math.e)
 NEG_INF = -3.0e38
 EXP2_MIN = -126.0  # below this 2**x underflows float32; inputs are clamped here
@@ -133,6 +139,14 @@ def paged_attention(
             return T.Cast("float32", pool[layer, kslot[j] // P, 1, kh, kslot[j] % P * D + d])
         return T.Cast("float32", pool[layer, page_table[b, blk], 1, kh, j * D + d])
 
+    def split_count(items, max_pages):
+        """Key ranges per (query tile, KV head) item: enough for about ``PARALLEL_ITEMS`` items in all, each
+        range at least ``MIN_SPLIT_BLOCKS`` blocks; 1 for the sparse view (its keys are few)."""
+        if sparse:
+            return 1
+        wanted = (PARALLEL_ITEMS + items - 1) // items
+        return T.max(1, T.min(T.min(MAX_SPLITS, max_pages // MIN_SPLIT_BLOCKS), wanted))
+
     @T.macro
     def body(
         q,
@@ -146,9 +160,17 @@ def paged_attention(
         static_pos,
         static_len,
         window_start,
-        num_tiles,
     ):
-        for item in T.parallel(num_tiles * Hkv):
+        items: T.let[T.int32] = query_tiles.shape[0] * Hkv
+        max_pages = page_table.shape[1]
+        splits: T.let[T.int32] = split_count(items, max_pages)
+        split_blocks: T.let[T.int32] = (max_pages + splits - 1) // splits
+        # Partial results of split items, by (item, key range, row): max and sum of the row's exp2 scores, and
+        # its output not yet divided by the sum.
+        scratch: T.let[T.int32] = T.Select(splits > 1, items * splits * ROWS_MAX, 1)
+        part_stat = T.alloc_buffer((scratch, 2), "float32")
+        part_acc = T.alloc_buffer((scratch, D), "float32")
+        for item in T.parallel(items * splits):
             with T.sblock("attn"):
                 T.reads()
                 T.writes()
@@ -164,8 +186,8 @@ def paged_attention(
                 kpos = T.sblock_alloc_buffer((KB,), "int32")
                 kslot = T.sblock_alloc_buffer((KB,), "int32")
                 step = T.sblock_alloc_buffer((RT, 2), "float32")  # per row: [new max, rescale factor]
-                tile: T.let[T.int32] = item // Hkv
-                kh: T.let[T.int32] = item % Hkv
+                tile: T.let[T.int32] = item // (Hkv * splits)
+                kh: T.let[T.int32] = item // splits % Hkv
                 r0: T.let[T.int32] = query_tiles[tile, 0]
                 rows: T.let[T.int32] = query_tiles[tile, 1] - r0
                 b: T.let[T.int32] = token_seq[r0]
@@ -173,6 +195,9 @@ def paged_attention(
                 w0: T.let[T.int32] = load_or_zero(window_start, b)
                 n_keys: T.let[T.int32] = n_static + token_pos[r0 + rows - 1] - w0 + 1
                 n_tiles: T.let[T.int32] = (rows * G + RT - 1) // RT
+                n_blocks: T.let[T.int32] = (n_keys + KB - 1) // KB
+                blk_lo: T.let[T.int32] = item % splits * split_blocks
+                blk_hi: T.let[T.int32] = T.min(n_blocks, blk_lo + split_blocks)
                 # Rows are (token, head of the group); padding rows of the last row tile repeat the last row.
                 for m in T.serial(n_tiles * RT):
                     mc: T.let[T.int32] = T.min(m, rows * G - 1)
@@ -183,10 +208,11 @@ def paged_attention(
                     for d in T.vectorized(D):
                         qf[m, d] = T.Cast("float32", q[r0 + mc // G, kh * G + mc % G, d]) * T.float32(scale)
                         acc[m, d] = T.float32(0)
-                for blk in T.serial((n_keys + KB - 1) // KB):
+                for bi in T.serial(T.max(blk_hi - blk_lo, 0)):
+                    blk: T.let[T.int32] = blk_lo + bi
                     if not sparse:
                         # Software prefetch of a later page: hardware prefetchers stop at 4 KB pages.
-                        if blk + PREFETCH_PAGES < (n_keys + KB - 1) // KB:
+                        if blk + PREFETCH_PAGES < n_blocks:
                             for line in T.serial(PREFETCH_LINES):
                                 for kv in T.unroll(2):
                                     T.evaluate(
@@ -251,8 +277,13 @@ def paged_attention(
                             step[r, 0] = T.max(row_max[mt * RT + r], T.max(tree[0], tree[1]))
                             step[r, 1] = fast_exp2(row_max[mt * RT + r] - step[r, 0])
                             row_max[mt * RT + r] = step[r, 0]
+                            # Masked keys add nothing, even to a row that has no key in this range yet.
                             for j in T.vectorized(KB):
-                                s[r, j] = fast_exp2(s[r, j] - step[r, 0])
+                                s[r, j] = T.Select(
+                                    kpos[j] <= row_pos[mt * RT + r],
+                                    fast_exp2(s[r, j] - step[r, 0]),
+                                    T.float32(0),
+                                )
                                 row_sum[mt * RT + r, j] = row_sum[mt * RT + r, j] * step[r, 1] + s[r, j]
                             for d in T.vectorized(D):
                                 acc[mt * RT + r, d] = acc[mt * RT + r, d] * step[r, 1]
@@ -275,8 +306,41 @@ def paged_attention(
                     step[0, 0] = T.float32(0)
                     for j in T.serial(KB):
                         step[0, 0] = step[0, 0] + row_sum[m, j]
-                    for d in T.vectorized(D):
-                        out[r0 + m // G, kh * G + m % G, d] = T.Cast(dtype, acc[m, d] / step[0, 0])
+                    if splits == 1:
+                        for d in T.vectorized(D):
+                            out[r0 + m // G, kh * G + m % G, d] = T.Cast(dtype, acc[m, d] / step[0, 0])
+                    else:
+                        part_stat[item * ROWS_MAX + m, 0] = row_max[m]
+                        part_stat[item * ROWS_MAX + m, 1] = step[0, 0]
+                        for d in T.vectorized(D):
+                            part_acc[item * ROWS_MAX + m, d] = acc[m, d]
+        if splits > 1:
+            # Merge each row's key ranges: rescale every range's sum and output to the row's overall max.
+            for item in T.parallel(items):
+                with T.sblock("merge"):
+                    T.reads()
+                    T.writes()
+                    stat = T.sblock_alloc_buffer((3,), "float32")  # [max, sum, this range's scale]
+                    merged = T.sblock_alloc_buffer((D,), "float32")
+                    tile: T.let[T.int32] = item // Hkv
+                    kh: T.let[T.int32] = item % Hkv
+                    r0: T.let[T.int32] = query_tiles[tile, 0]
+                    rows: T.let[T.int32] = query_tiles[tile, 1] - r0
+                    for m in T.serial(rows * G):
+                        stat[0] = T.float32(NEG_INF)
+                        for sp in T.serial(splits):
+                            stat[0] = T.max(stat[0], part_stat[(item * splits + sp) * ROWS_MAX + m, 0])
+                        stat[1] = T.float32(0)
+                        for d in T.vectorized(D):
+                            merged[d] = T.float32(0)
+                        for sp in T.serial(splits):
+                            part: T.let[T.int32] = (item * splits + sp) * ROWS_MAX + m
+                            stat[2] = fast_exp2(part_stat[part, 0] - stat[0])
+                            stat[1] = stat[1] + part_stat[part, 1] * stat[2]
+                            for d in T.vectorized(D):
+                                merged[d] = merged[d] + part_acc[part, d] * stat[2]
+                        for d in T.vectorized(D):
+                            out[r0 + m // G, kh * G + m % G, d] = T.Cast(dtype, merged[d] / stat[1])
 
     if sparse:
 
@@ -324,7 +388,6 @@ def paged_attention(
                 static_pos,
                 static_len,
                 window_start,
-                num_tiles,
             )
 
         return sparse_attention_cpu
@@ -354,7 +417,7 @@ def paged_attention(
         token_pos = T.match_buffer(token_pos_h, (n,), "int32")
         query_tiles = T.match_buffer(query_tiles_h, (num_tiles, 2), "int32")
         out = T.match_buffer(out_h, (n, Hq, D), dtype)
-        body(q, pool, page_table, token_seq, token_pos, query_tiles, out, layer, None, None, None, num_tiles)
+        body(q, pool, page_table, token_seq, token_pos, query_tiles, out, layer, None, None, None)
 
     return dense_attention_cpu
 

@@ -78,15 +78,14 @@ def fill_pool(kernels, page_table, keys, values, num_pages):
     return pool
 
 
-@pytest.mark.parametrize("new_per_seq", [1, 5, 20])
-def test_dense_view_matches_numpy(kernels, new_per_seq):
-    rng = np.random.default_rng(new_per_seq)
-    lengths = [37, 100, 21, 64]
+def check_dense(kernels, dense, heads, lengths, new_per_seq, seed):
+    """Run ``dense`` on the last ``new_per_seq`` tokens of random sequences; compare with numpy."""
+    rng = np.random.default_rng(seed)
     page_table, keys, values, seq_rows, positions, num_pages = make_batch(rng, lengths, new_per_seq)
     pool = fill_pool(kernels, page_table, keys, values, num_pages)
-    q = rng.standard_normal((len(seq_rows), HQ, D)).astype(np.float32)
+    q = rng.standard_normal((len(seq_rows), heads, D)).astype(np.float32)
     out = tvm.runtime.empty(q.shape, "float32")
-    kernels["dense"](
+    dense(
         tvm.runtime.tensor(q),
         pool,
         tvm.runtime.tensor(page_table),
@@ -98,6 +97,11 @@ def test_dense_view_matches_numpy(kernels, new_per_seq):
     )
     lists = [(int(b), [np.arange(p + 1)] * HKV) for b, p in zip(seq_rows, positions)]
     np.testing.assert_allclose(out.numpy(), reference(q, keys, values, lists), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("new_per_seq", [1, 5, 20])
+def test_dense_view_matches_numpy(kernels, new_per_seq):
+    check_dense(kernels, kernels["dense"], HQ, [37, 100, 21, 64], new_per_seq, new_per_seq)
 
 
 @pytest.mark.parametrize("new_per_seq", [1, 4])
@@ -146,27 +150,21 @@ def test_sparse_view_matches_numpy(kernels, new_per_seq):
 @pytest.mark.parametrize("heads", [HKV, 5 * HKV, 8 * HKV])  # one row, a padded row tile, two row tiles
 def test_dense_view_any_group_size(kernels, heads):
     """GQA groups of other sizes than the fixture's (row tiles of the group, padding of the last tile)."""
-    target = host_llvm()
     func = cpu_attention.paged_attention(heads, HKV, D, PAGE_SIZE, "float32", False)
-    dense = tvm.compile(tvm.IRModule({"main": func}), target=target)["main"]
-    rng = np.random.default_rng(heads)
-    lengths = [50, 33]
-    page_table, keys, values, seq_rows, positions, num_pages = make_batch(rng, lengths, 4)
-    pool = fill_pool(kernels, page_table, keys, values, num_pages)
-    q = rng.standard_normal((len(seq_rows), heads, D)).astype(np.float32)
-    out = tvm.runtime.empty(q.shape, "float32")
-    dense(
-        tvm.runtime.tensor(q),
-        pool,
-        tvm.runtime.tensor(page_table),
-        tvm.runtime.tensor(seq_rows),
-        tvm.runtime.tensor(positions),
-        tvm.runtime.tensor(query_tiles(seq_rows)),
-        LAYER,
-        out,
-    )
-    lists = [(int(b), [np.arange(p + 1)] * HKV) for b, p in zip(seq_rows, positions)]
-    np.testing.assert_allclose(out.numpy(), reference(q, keys, values, lists), atol=2e-5, rtol=1e-4)
+    dense = tvm.compile(tvm.IRModule({"main": func}), target=host_llvm())["main"]
+    check_dense(kernels, dense, heads, [50, 33], 4, heads)
+
+
+@pytest.mark.parametrize("min_blocks", [1, 2])
+@pytest.mark.parametrize("new_per_seq", [1, 5])
+def test_dense_view_with_split_keys(kernels, monkeypatch, min_blocks, new_per_seq):
+    """Few items (2 sequences x 2 KV heads): each sequence's keys are split into ranges of ``min_blocks``
+    pages (5 or 2 ranges here), merged afterwards. With 5 verify rows, the earliest rows see no key at all of
+    the last range."""
+    monkeypatch.setattr(cpu_attention, "MIN_SPLIT_BLOCKS", min_blocks)
+    func = cpu_attention.paged_attention(HQ, HKV, D, PAGE_SIZE, "float32", False)
+    dense = tvm.compile(tvm.IRModule({"main": func}), target=host_llvm())["main"]
+    check_dense(kernels, dense, HQ, [66, 35], new_per_seq, min_blocks)
 
 
 def test_query_tiles_split_runs():
