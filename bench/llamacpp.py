@@ -10,7 +10,8 @@
   ``LlamaPromptLookupDecoding`` as its draft model, greedy; a repeated ``generate`` of the same prompt reuses
   the cached prefix, so only the first call pays for the prefill.
 
-Both take ``flash_attn``; llama.cpp's own default turns it on, which is slower on some CPUs.
+Both take ``flash_attn`` (llama.cpp's own default turns it on, which is slower on some CPUs) and ``kv_dtype``,
+the KV cache's element type: llama.cpp keeps it in F16 by default, half the bytes of an F32 cache.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ def _quiet() -> None:
         lib.llama_log_set(_LOG_SINK, ctypes.c_void_p())
 
 
+def _ggml_type(kv_dtype: str) -> int:
+    lib = _lib()
+    return {"f16": lib.GGML_TYPE_F16, "f32": lib.GGML_TYPE_F32}[kv_dtype]
+
+
 def context_size(batch: int, tokens: int) -> int:
     """KV slots for ``batch`` streams of ``tokens`` each, rounded up to llama.cpp's granularity."""
     per_seq = -(-tokens // CTX_ALIGN) * CTX_ALIGN
@@ -63,7 +69,9 @@ def context_size(batch: int, tokens: int) -> int:
 class PlainDecoder:
     """Greedy plain decoding of a batch of sequences on one llama.cpp context (see module docstring)."""
 
-    def __init__(self, gguf: Path, batch: int, max_tokens: int, threads: int, flash_attn: bool):
+    def __init__(
+        self, gguf: Path, batch: int, max_tokens: int, threads: int, flash_attn: bool, kv_dtype: str = "f16"
+    ):
         lib = _lib()
         _quiet()
         lib.llama_backend_init()
@@ -77,6 +85,7 @@ class PlainDecoder:
         cparams.n_batch = cparams.n_ubatch = MAX_BATCH_TOKENS
         cparams.n_seq_max = batch
         cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.type_k = cparams.type_v = _ggml_type(kv_dtype)
         cparams.flash_attn_type = (
             lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
@@ -146,7 +155,7 @@ class PlainDecoder:
 class PromptLookupDecoder:
     """Batch-1 greedy prompt-lookup speculative decoding (``llama_cpp.llama_speculative``)."""
 
-    def __init__(self, gguf: Path, max_tokens: int, threads: int, flash_attn: bool):
+    def __init__(self, gguf: Path, max_tokens: int, threads: int, flash_attn: bool, kv_dtype: str = "f16"):
         import llama_cpp
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
@@ -159,6 +168,8 @@ class PromptLookupDecoder:
             n_threads=threads,
             n_threads_batch=threads,
             flash_attn=flash_attn,
+            type_k=_ggml_type(kv_dtype),
+            type_v=_ggml_type(kv_dtype),
             draft_model=LlamaPromptLookupDecoding(),
             logits_all=True,  # speculation needs every position's logits (and sizes its buffer by this flag)
             verbose=False,

@@ -7,8 +7,9 @@ Systems, each with the same prompts, greedy, the same thread count, measured one
 - **ours, MagicDec**: self-speculative decoding (``draft``/``budget``/``gamma``) on the same prefill;
 - **transformers** on torch CPU, fp32 (the ``test`` extra);
 - **llama.cpp** through ``llama-cpp-python`` (the ``peers`` extra, skipped when missing): plain decoding on
-  the shipped GGUF (Q4_1) and on an F32 GGUF of the same weights, and prompt-lookup speculative decoding
-  (batch 1, F32); each with flash attention off and on.
+  the shipped GGUF (Q4_1) and on an F32 GGUF of the same weights, each with llama.cpp's default F16 KV cache,
+  and the F32 GGUF with an F32 KV cache (the like-for-like dtype: ours is fp32 throughout); prompt-lookup
+  speculative decoding (batch 1, F32 weights and KV); each with flash attention off and on.
 
 A cell is a (batch, context): the prompts are ``context - new_tokens`` tokens, so the last of ``new_tokens``
 decoded tokens sits at ``context``. Each system prefills once (timed, reported as prefill tokens/s of one
@@ -36,7 +37,7 @@ TRANSFORMERS = "transformers (torch fp32)"
 BANDWIDTH_TARGET_BATCHED = 0.70  # issue #5: at least 70% of the bandwidth at batch 8 x 4k
 BANDWIDTH_BATCHED_CONTEXT = 4096
 BANDWIDTH_TARGET_SINGLE = 0.50  # and at least 50% at batch 1
-LIKE_FOR_LIKE = "F32"  # llama.cpp's dtype matching our fp32 weights
+LIKE_FOR_LIKE = "F32 KV F32"  # the llama.cpp weights and KV cache matching our fp32 artifact
 LLAMA_TARGET_MIN_CONTEXT = 4096  # the llama.cpp targets are set at 4k and 8k
 LLAMA_TARGET_BATCHED = 2.0  # at least 2x llama.cpp at batch 8
 MAGICDEC_TARGET = 1.5  # MagicDec at least 1.5x the best peer at batch 8 x 8k
@@ -50,7 +51,9 @@ class PeerSettings:
     draft: str
     budget: int
     gamma: int
-    llama_dtypes: tuple[str, ...] = ("q4_1", "f32")  # the shipped GGUF, and a converted F32 copy
+    # llama.cpp runs (weights, KV cache): the shipped GGUF and a converted F32 copy with llama.cpp's default
+    # F16 KV, and the F32 copy with an F32 KV
+    llama_variants: tuple[tuple[str, str], ...] = (("q4_1", "f16"), ("f32", "f16"), ("f32", "f32"))
     flash_attn: tuple[bool, ...] = (False, True)
     slow_repeats: int | None = None  # repeats for transformers and llama.cpp with flash attention on (the
     # slowest peers on CPU); None: ``repeats``
@@ -151,9 +154,14 @@ def llama_gguf(source: Path, dtype: str) -> Path:
     return source if dtype == shipped else gguf_convert.convert(source, dtype)
 
 
-def _llama_plain(gguf: Path, label: str, prompt, batch: int, s: PeerSettings, threads: int, fa: bool):
-    name = f"llama.cpp {label} (flash attn {'on' if fa else 'off'})"
-    dec = llamacpp.PlainDecoder(gguf, batch, len(prompt) + s.new_tokens, threads, fa)
+def _llama_label(gguf: Path, kv_dtype: str) -> str:
+    """E.g. "F32 KV F16": the GGUF's weight type (its name's last part) and the KV cache's."""
+    return f"{gguf.stem.split('.')[-1].upper()} KV {kv_dtype.upper()}"
+
+
+def _llama_plain(gguf: Path, kv: str, prompt, batch: int, s: PeerSettings, threads: int, fa: bool):
+    name = f"llama.cpp {_llama_label(gguf, kv)} (flash attn {'on' if fa else 'off'})"
+    dec = llamacpp.PlainDecoder(gguf, batch, len(prompt) + s.new_tokens, threads, fa, kv)
     try:
         prefill, first = dec.prefill(prompt)
         times = [dec.decode(first, s.new_tokens - 1)[0] for _ in range(s.repeats_for(name))]
@@ -162,9 +170,9 @@ def _llama_plain(gguf: Path, label: str, prompt, batch: int, s: PeerSettings, th
     return Measurement(name, prefill, len(prompt), times, batch * (s.new_tokens - 1))
 
 
-def _llama_lookup(gguf: Path, label: str, prompt, s: PeerSettings, threads: int, fa: bool):
-    name = f"llama.cpp {label} prompt-lookup (flash attn {'on' if fa else 'off'})"
-    dec = llamacpp.PromptLookupDecoder(gguf, len(prompt) + s.new_tokens + 1, threads, fa)
+def _llama_lookup(gguf: Path, kv: str, prompt, s: PeerSettings, threads: int, fa: bool):
+    name = f"llama.cpp {_llama_label(gguf, kv)} prompt-lookup (flash attn {'on' if fa else 'off'})"
+    dec = llamacpp.PromptLookupDecoder(gguf, len(prompt) + s.new_tokens + 1, threads, fa, kv)
     try:
         prefill = dec.prefill(prompt)
         times = [dec.decode(prompt, s.new_tokens)[0] for _ in range(s.repeats_for(name))]
@@ -189,7 +197,7 @@ def compare(
         notes.append("llama.cpp skipped: llama_cpp is not installed (pip install 'mlc-magicdec[peers]')")
     elif source.suffix != ".gguf":
         notes.append(f"llama.cpp skipped: the artifact's source {source.name} is not a GGUF")
-    ggufs = {d: llama_gguf(source, d) for d in settings.llama_dtypes} if have_llama else {}
+    ggufs = {d: llama_gguf(source, d) for d, _ in settings.llama_variants} if have_llama else {}
     peer = TransformersPeer(str(source), threads)
     rows = []
     for (batch, context), prompts in prompts_by_cell.items():
@@ -198,15 +206,15 @@ def compare(
         measured += _ours(engine, prompts, settings)
         progress(f"batch {batch}, context {context}: transformers")
         measured.append(peer.measure(prompts[0], batch, settings))
-        for dtype, path in ggufs.items():
+        for dtype, kv in settings.llama_variants if have_llama else ():
             for fa in settings.flash_attn:
-                progress(f"batch {batch}, context {context}: llama.cpp {dtype} flash attn {fa}")
-                measured.append(_llama_plain(path, dtype.upper(), prompts[0], batch, settings, threads, fa))
+                progress(f"batch {batch}, context {context}: llama.cpp {dtype} KV {kv} flash attn {fa}")
+                measured.append(_llama_plain(ggufs[dtype], kv, prompts[0], batch, settings, threads, fa))
         if have_llama and batch == 1:
-            dtype = settings.llama_dtypes[-1]
+            dtype, kv = settings.llama_variants[-1]
             for fa in settings.flash_attn:
                 progress(f"batch {batch}, context {context}: llama.cpp prompt lookup flash attn {fa}")
-                measured.append(_llama_lookup(ggufs[dtype], dtype.upper(), prompts[0], settings, threads, fa))
+                measured.append(_llama_lookup(ggufs[dtype], kv, prompts[0], settings, threads, fa))
         rows += [m.row(batch, context) for m in measured]
     return rows, notes
 
@@ -279,4 +287,3 @@ def _best_plain_llama(rows: list[dict], batch: int, context: int) -> dict | None
         and "prompt-lookup" not in r["system"]
     ]
     return max(plain, key=lambda r: r["decode_tok_s"]) if plain else None
-

@@ -56,10 +56,12 @@ def _tiny_gguf(path):
     writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
     writer.add_token_list(["<a>", "<b>", "c"])
     writer.add_file_type(int(LlamaFileType.MOSTLY_Q4_1))
-    writer.add_tensor("blk.0.ffn_up.weight", quantize(w, GGMLQuantizationType.Q4_1),
-                      raw_dtype=GGMLQuantizationType.Q4_1)
-    writer.add_tensor("token_embd.weight", quantize(e, GGMLQuantizationType.Q8_0),
-                      raw_dtype=GGMLQuantizationType.Q8_0)
+    writer.add_tensor(
+        "blk.0.ffn_up.weight", quantize(w, GGMLQuantizationType.Q4_1), raw_dtype=GGMLQuantizationType.Q4_1
+    )
+    writer.add_tensor(
+        "token_embd.weight", quantize(e, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0
+    )
     writer.add_tensor("blk.0.ffn_norm.weight", norm)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -108,8 +110,11 @@ def test_profile_times_every_kernel_of_a_step(tiny_models):
     _, model, artifact = tiny_models("llama")
     engine = Engine(artifact, threads=1)
     layers = model.config.num_hidden_layers
-    for step, attention in (("decode", "dense_attention_cpu"), ("verify", "dense_attention_cpu"),
-                            ("draft", "sparse_attention_cpu")):
+    for step, attention in (
+        ("decode", "dense_attention_cpu"),
+        ("verify", "dense_attention_cpu"),
+        ("draft", "sparse_attention_cpu"),
+    ):
         kernels, wall = profile.profile_step(engine, step, 2, context=100, gamma=2, budget=48, repeats=2)
         by_name = {k.name: k for k in kernels}
         assert by_name[attention].calls == layers
@@ -128,13 +133,14 @@ def test_ratios_and_targets():
         _row(peers.OURS_PLAIN, 40.0),
         _row("ours, MagicDec (snapkv/256, gamma 3)", 60.0),
         _row(peers.TRANSFORMERS, 10.0),
-        _row("llama.cpp F32 (flash attn off)", 25.0),
-        _row("llama.cpp F32 (flash attn on)", 15.0),
-        _row("llama.cpp Q4_1 (flash attn off)", 50.0),
+        _row("llama.cpp F32 KV F32 (flash attn off)", 25.0),
+        _row("llama.cpp F32 KV F32 (flash attn on)", 15.0),
+        _row("llama.cpp Q4_1 KV F16 (flash attn off)", 50.0),
+        _row("llama.cpp F32 KV F16 (flash attn off)", 32.0),  # faster, but not our dtype: not like-for-like
     ]
     peers.add_ratios(rows)
     assert rows[2]["plain_ratio"] == 4.0 and rows[5]["magicdec_ratio"] == 1.2
-    assert peers.best_peer(rows, 8, 8192)["system"] == "llama.cpp Q4_1 (flash attn off)"
+    assert peers.best_peer(rows, 8, 8192)["system"] == "llama.cpp Q4_1 KV F16 (flash attn off)"
     lines = peers.target_lines(rows, {(8, 8192): 0.8})
     assert not any(line.startswith("bandwidth used") for line in lines)  # set at batch 8 x 4k only
     at_4k = [{**r, "context": 4096} for r in rows]
@@ -142,7 +148,7 @@ def test_ratios_and_targets():
         at_4k, {(8, 4096): 0.6}
     )
     assert "plain vs transformers, batch 8 x 8192: 4.00x (target 1.0x: met)" in lines
-    llama = "plain vs best llama.cpp F32 (flash attn off), batch 8 x 8192: 1.60x (target 2.0x: missed by 20%)"
-    assert llama in lines
-    magic = [line for line in lines if line.startswith("MagicDec vs best peer (llama.cpp Q4_1")]
+    llama = "plain vs best llama.cpp F32 KV F32 (flash attn off), batch 8 x 8192: 1.60x"
+    assert f"{llama} (target 2.0x: missed by 20%)" in lines
+    magic = [line for line in lines if line.startswith("MagicDec vs best peer (llama.cpp Q4_1 KV F16")]
     assert len(magic) == 1 and "1.20x (target 1.5x: missed by 20%)" in magic[0]
