@@ -15,9 +15,8 @@ uptime | tee "$out/auto_load.txt"
 mlc-magicdec bench "$art" --batch 1,4,8,16 --context 1024,4096,8192 --new-tokens 64 --draft snapkv \
   --budget 256,1024 --gamma 1,2,3,4,5 --threads "$threads" --json "$out/costmodel_grid.json" | tee "$out/costmodel_grid.txt"
 mlc-magicdec plan --calibrate "$art" --against "$out/costmodel_grid.json" --batch 1,4,8,16 \
-  --context 1024,4096,8192 --threads "$threads" | tee "$out/costmodel_calibration.txt"
-mlc-magicdec plan --calibrate "$art" --against "$out/costmodel_grid.json" --batch 1,4,8,16 \
-  --context 1024,4096,8192 --threads "$threads" --json > "$out/costmodel_calibration.json"
+  --context 1024,4096,8192 --threads "$threads" --json "$out/costmodel_calibration.json" \
+  | tee "$out/costmodel_calibration.txt"
 
 # 2. Automatic against fixed: plain, every fixed (gamma, budget) and auto on the same prefilled prompts,
 #    interleaved repeats (auto uses the calibration just cached).

@@ -4,33 +4,27 @@ Two kinds of measurement, both in one run:
 
 - **Step costs** at every (batch, context): ``T_AR`` (one plain decode step), ``T_D`` (one draft step
   through the compressed view) and ``T_V(gamma)`` (one verification of ``gamma + 1`` tokens a sequence),
-  each the median of ``repeats`` timed calls, measured side by side on the same pool. The KV content is
-  zeros: these kernels do the
-  same work whatever the values, and it lets a batch of 16 x 8k run without prefilling 128k tokens.
+  each the median of ``repeats`` timed calls, measured side by side on the same zero-filled pool
+  (``runtime/steptiming.py``).
 - **Acceptance** at every context: real speculative decoding of Austen prompts (greedy), giving the mean
   accepted length per round (bonus token included) and the acceptance rate for each draft, budget and gamma.
   Each sequence accepts independently of its batch, so this does not depend on the batch size.
 
 Then, as in the paper, ``T_SD = (gamma * T_D + T_V(gamma)) / accepted_length`` and
-``speedup = T_AR / T_SD``, at
-the best gamma for each cell. An end-to-end check runs plain and speculative ``decode`` on the same prefilled
-prompts and reports the measured speedup next to the predicted one.
+``speedup = T_AR / T_SD``, at the best gamma for each cell. An end-to-end check runs plain and speculative
+``decode`` on the same prefilled prompts and reports the measured speedup next to the predicted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ..compile.attention import PAGE_SIZE
-from ..runtime.engine import Engine, ModelRunner
-from ..runtime.views import CompressedView, DraftSettings, pack_views
+from ..runtime.engine import Engine
+from ..runtime.steptiming import step_costs
 
-SYNTHETIC_SEQ_BASE = 1 << 30  # sequence ids for synthetic timing sequences (never clash with real ones)
 ACCEPTANCE_PROMPTS = 2  # prompts per context for the acceptance runs
 
 
@@ -43,91 +37,6 @@ class BenchConfig:
     budgets: Sequence[int]
     new_tokens: int = 128
     repeats: int = 3
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def synthetic_view(settings: DraftSettings, context: int, layers: int, heads: int, rng) -> CompressedView:
-    """A view with the settings' shape: sinks for StreamingLLM, scattered positions for SnapKV."""
-    if settings.kind == "streamingllm":
-        static = np.broadcast_to(
-            np.arange(settings.sink, dtype=np.int32), (layers, heads, settings.sink)
-        ).copy()
-        return CompressedView(static, settings.budget - settings.sink, settings.sink)
-    candidates = context - settings.window
-    keep = min(settings.budget - settings.window, candidates)
-    static = np.sort(
-        np.stack(
-            [
-                np.stack([rng.choice(candidates, keep, replace=False) for _ in range(heads)])
-                for _ in range(layers)
-            ]
-        ),
-        axis=-1,
-    ).astype(np.int32)
-    return CompressedView(static, settings.window, candidates)
-
-
-def step_costs(runner: ModelRunner, batch: int, context: int, cfg: BenchConfig) -> dict:
-    """``T_AR``, ``T_D`` per (draft, budget) and ``T_V`` per gamma at one (batch, context), in seconds.
-
-    The runner's pool is overwritten with zeros: give it one that holds no sequence (the engine's own
-    target before any prefill, or a fresh ``ModelRunner``).
-    """
-    model = runner.cfg
-    gmax = max(cfg.gammas)
-    ids = [SYNTHETIC_SEQ_BASE + i for i in range(batch)]
-    pages = runner.ensure_pool(batch * -(-(context + gmax + 1) // PAGE_SIZE))
-    runner.pool_tensor.copyfrom(np.zeros(runner.pool_tensor.shape, dtype=runner.artifact.dtype))
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, model.vocab_size, size=batch * (gmax + 1))
-    for s in ids:
-        pages.add(s)
-        pages.reserve(s, context + gmax + 1)
-        pages.set_length(s, context)
-    try:
-        rows = np.arange(batch)
-        positions = np.full(batch, context)
-        out = {
-            "T_AR": median_time(
-                lambda: runner.forward("decode", tokens[:batch], rows, positions, ids), cfg.repeats
-            ),
-            "T_D": {},
-            "T_V": {},
-        }
-        for kind in cfg.drafts:
-            for budget in cfg.budgets:
-                settings = DraftSettings(kind, budget)
-                views = [
-                    synthetic_view(settings, context, model.num_layers, model.num_kv_heads, rng) for _ in ids
-                ]
-                static_pos, static_len = pack_views(views)
-                window_start = np.array([v.window_start(context) for v in views], np.int32)
-                out["T_D"][f"{kind}/{budget}"] = median_time(
-                    lambda: runner.forward(
-                        "draft", tokens[:batch], rows, positions, ids, static_pos, static_len, window_start
-                    ),
-                    cfg.repeats,
-                )
-        for g in cfg.gammas:
-            seq_rows = np.repeat(rows, g + 1)
-            pos = (context + np.tile(np.arange(g + 1), batch)).astype(np.int64)
-            out["T_V"][g] = median_time(
-                lambda: runner.forward("verify", tokens[: batch * (g + 1)], seq_rows, pos, ids), cfg.repeats
-            )
-        return out
-    finally:
-        for s in ids:
-            pages.remove(s)
 
 
 def acceptance(engine: Engine, prompts: list[list[int]], cfg: BenchConfig) -> dict:
@@ -176,7 +85,9 @@ def run(engine: Engine, texts: list[str], cfg: BenchConfig, progress: Callable[[
         )
         for batch in cfg.batches:
             progress(f"step costs at batch {batch}, context {context}")
-            costs = step_costs(engine.target, batch, context, cfg)
+            costs = step_costs(
+                engine.target, batch, context, cfg.gammas, cfg.drafts, cfg.budgets, cfg.repeats
+            )
             results["cells"].append(
                 {
                     "batch": batch,

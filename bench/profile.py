@@ -1,7 +1,7 @@
 """Where a step's time goes, kernel by kernel: the VM's ``set_instrument`` times every call it makes.
 
 Each profiled step (plain decode, verification of ``gamma + 1`` tokens a sequence, a draft step through the
-compressed view) runs on a pool of the given batch and context, as in ``bench.magicdec.step_costs``. The
+compressed view) runs on a pool of the given batch and context, as in ``runtime.steptiming.step_costs``. The
 instrument takes the wall time between the VM's before- and after-call hooks; kernels on CPU run
 synchronously, so that is the kernel's time. Times are summed per kernel over one step and the median over
 ``repeats`` steps is reported.
@@ -18,8 +18,8 @@ import numpy as np
 import tvm
 
 from ..runtime.engine import Engine
+from ..runtime.steptiming import SYNTHETIC_SEQ_BASE, synthetic_view
 from ..runtime.views import DraftSettings, pack_views
-from .magicdec import SYNTHETIC_SEQ_BASE, synthetic_view
 
 NO_OP = 0  # VMInstrumentReturnKind: run the call as usual
 STEPS = ("decode", "verify", "draft")

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..compile.config import ModelConfig
-from .costmodel import ModelSpec
+from ..runtime.costmodel import ModelSpec
 
 TRIAD_BYTES = 256 << 20  # bytes per triad array (three of them: far larger than any CPU cache)
 TRIAD_PASSES = 3  # a triad reads two arrays and writes one

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from importlib import resources
@@ -23,6 +24,16 @@ THREADS_HELP = "CPU threads for us and every peer (default: $TVM_NUM_THREADS, el
 PROFILE_TOP = 12  # kernels listed per profiled step
 DEFAULT_MODEL = "smollm2"
 DEFAULT_ALPHA = "0.85"  # plan's acceptance rate when none is given or measured
+
+
+def _write_json(path: Path, data) -> None:
+    """Write ``data`` as JSON to ``path`` via a temporary file, so that a failed run leaves no half file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _one_line_errors(fn):
@@ -454,8 +465,6 @@ def bench_cmd(
     auto_vs_fixed,
 ) -> None:
     """MagicDec benchmark: T_D, T_V, accepted length, T_SD, T_AR and speedup over a batch x context grid."""
-    import json
-
     from .bench import magicdec, report
     from .runtime.engine import Engine
 
@@ -502,7 +511,7 @@ def bench_cmd(
     out.print(report.magicdec_table(results))
     out.print(report.acceptance_table(results))
     if json_path:
-        json_path.write_text(json.dumps(results, indent=2, default=str))
+        _write_json(json_path, results)
     if plot_path:
         report.plot_speedup(results, plot_path)
 
@@ -525,8 +534,6 @@ def _peer_settings(new_tokens, repeats, peer_repeats, kinds, budgets, gammas):
 
 
 def _bench_peers(artifact, batches, contexts, settings, texts, threads, json_path) -> None:
-    import json
-
     from .bench import magicdec, peers, report, roofline
     from .runtime.engine import Engine
 
@@ -560,17 +567,15 @@ def _bench_peers(artifact, batches, contexts, settings, texts, threads, json_pat
     for line in notes + peers.target_lines(rows, fractions):
         out.print(line, highlight=False)
     if json_path:
-        json_path.write_text(
-            json.dumps(
-                {
-                    "header": header,
-                    "machine": vars(machine),
-                    "rows": rows,
-                    "bandwidth_fraction": [[b, c, f] for (b, c), f in fractions.items()],
-                    "notes": notes,
-                },
-                indent=2,
-            )
+        _write_json(
+            json_path,
+            {
+                "header": header,
+                "machine": vars(machine),
+                "rows": rows,
+                "bandwidth_fraction": [[b, c, f] for (b, c), f in fractions.items()],
+                "notes": notes,
+            },
         )
 
 
@@ -581,8 +586,6 @@ def _dtype_bytes(dtype: str) -> int:
 
 
 def _bench_roofline(artifact, batches, contexts, threads, json_path) -> None:
-    import json
-
     from .bench import report, roofline
     from .runtime.artifact import Artifact
     from .runtime.threads import configure_threads
@@ -600,12 +603,10 @@ def _bench_roofline(artifact, batches, contexts, threads, json_path) -> None:
     )
     out.print(report.roofline_table(machine, rows))
     if json_path:
-        json_path.write_text(json.dumps({"machine": vars(machine), "rows": rows}, indent=2))
+        _write_json(json_path, {"machine": vars(machine), "rows": rows})
 
 
 def _bench_profile(artifact, batches, contexts, gamma, budget, repeats, threads, json_path) -> None:
-    import json
-
     from .bench import profile, report
     from .runtime.engine import Engine
 
@@ -633,14 +634,12 @@ def _bench_profile(artifact, batches, contexts, gamma, budget, repeats, threads,
                     }
                 )
     if json_path:
-        json_path.write_text(json.dumps(results, indent=2))
+        _write_json(json_path, results)
 
 
 def _bench_auto(
     artifact, batches, contexts, new_tokens, draft, budgets, gammas, repeats, texts, threads, json_path
 ) -> None:
-    import json
-
     from .bench import auto_vs_fixed, report
     from .runtime.engine import Engine
 
@@ -654,13 +653,11 @@ def _bench_auto(
     results["header"] = header
     out.print(auto_vs_fixed.table(results))
     if json_path:
-        json_path.write_text(json.dumps(results, indent=2))
+        _write_json(json_path, results)
 
 
 def _is_current(artifact: Path) -> bool:
     """Whether ``artifact`` exists and this version can load it."""
-    import json
-
     from .runtime.artifact import ARTIFACT_FORMAT, CONFIG_NAME
 
     try:
@@ -775,7 +772,16 @@ def demo_cmd(max_new_tokens: int, threads: int | None) -> None:
     show_default=True,
     help="Fixed cost per forward step in microseconds (launches, all-reduces).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON instead of a table.")
+@click.option(
+    "--json",
+    "json_out",
+    is_flag=False,
+    flag_value="-",
+    default=None,
+    metavar="[FILE]",
+    help="Alone: print the predictions as JSON instead of tables. With FILE: print the tables and write the "
+    "JSON there.",
+)
 @click.option(
     "--plot",
     "plot_path",
@@ -800,17 +806,17 @@ def plan_cmd(
     draft_model: str | None,
     draft_kv: str,
     overhead_us: float,
-    as_json: bool,
+    json_out: str | None,
     plot_path: Path | None,
 ) -> None:
     """Predict T_T, T_D, T_V, speedup, the best gamma and budget, and the critical length (roofline)."""
     import dataclasses
-    import json
 
-    from .bench import costmodel as cm
+    from .runtime import costmodel as cm
 
     us = 1e-6
     report: dict = {}
+    as_json = json_out == "-"
     if calibrate_artifact is not None:
         if model_spec is not None:
             raise UserError("--calibrate plans for the artifact it times; leave out --model")
@@ -832,10 +838,13 @@ def plan_cmd(
     if not batches or not contexts or not gammas or budgets == []:
         raise UserError("--batch, --context, --gamma and --budget need at least one value each")
     plans = [cm.best_plan(model, hw, b, c, alpha, budgets, gammas, draft) for b in batches for c in contexts]
+    results = {**report, **cm.plans_to_dict(model, hw, draft, alpha, plans)}
     if as_json:
-        click.echo(json.dumps({**report, **cm.plans_to_dict(model, hw, draft, alpha, plans)}, indent=2))
+        click.echo(json.dumps(results, indent=2))
     else:
         out.print(cm.plans_table(model, hw, draft, plans))
+        if json_out:
+            _write_json(Path(json_out), results)
     if plot_path:
         cm.plot_plans(model, hw, draft, alpha, plans, budgets, gammas, plot_path)
 
@@ -845,10 +854,10 @@ def _calibrate(
 ):
     """``plan --calibrate``: time, fit, cache; with a grid, its prediction error and acceptance curve."""
     import dataclasses
-    import json
 
     from .bench import calibrate as cal
-    from .bench import costmodel as cm
+    from .runtime import calibration as calib
+    from .runtime import costmodel as cm
     from .runtime.engine import Engine
 
     grid = None
@@ -861,10 +870,10 @@ def _calibrate(
                 f"{grid_path} is not a bench grid from 'mlc-magicdec bench --json' ({e})"
             ) from None
     engine = Engine(artifact, threads=threads)
-    design = cal.QUICK_DESIGN if quick else cal.FULL_DESIGN
+    design = calib.QUICK_DESIGN if quick else calib.FULL_DESIGN
     with console.status("timing steps") as status:
-        calibration = cal.calibrate(engine, design, progress=lambda m: status.update(m))
-    model = cal.model_spec(engine)
+        calibration = calib.calibrate(engine, design, progress=lambda m: status.update(m))
+    model = calib.model_spec(engine)
     fitted = [
         cal.Prediction(
             s.phase,
@@ -884,7 +893,7 @@ def _calibrate(
     if grid is not None:
         draft = grid["cells"][0]["draft"]
         calibration = dataclasses.replace(calibration, acceptance=cal.grid_acceptance(grid, draft))
-        cal.save(calibration)
+        calib.save(calibration)
         predictions = cal.prediction_errors(model, calibration.hardware, grid)
         summary = cal.error_summary(predictions)
         report["prediction_error"] = summary

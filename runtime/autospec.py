@@ -3,8 +3,9 @@
 Before every round the policy predicts the batch's throughput for plain decoding and for each (gamma,
 budget) from
 
-- **step costs**: the cost model (``bench/costmodel.py``) with this machine's calibrated rates, each phase
-  corrected by a running ratio of measured to predicted time; and
+- **step costs**: the cost model (``runtime/costmodel.py``) with this machine's calibrated rates, each phase
+  corrected by the median ratio of measured to predicted time over its recent steps (a median, so that one
+  step slowed by other load does not flip the choice); and
 - **acceptance**: a running estimate of each sequence's acceptance rate ``alpha``.
 
 and picks the fastest::
@@ -13,8 +14,9 @@ and picks the fastest::
     speculative = sum_i Omega(gamma, alpha_i(K)) / (gamma * T_D(B, K) + T_V(B, L, gamma))
 
 where ``L`` is the batch's mean context (the costs are linear in the KV read, so ``B * L`` is exact).
-Speculation turns off unless it is predicted to win by a margin, and back on when that changes
-(contexts grow, the batch shrinks as sequences finish, acceptance moves).
+Speculation turns on only when it is predicted to win by a margin (``SPECULATE_GAIN``), and off again when it
+is predicted to lose (``STOP_GAIN``); the band between keeps model error from flipping it every round. It
+follows real changes: contexts grow, the batch shrinks as sequences finish, acceptance moves.
 
 Acceptance of one sequence is the maximum-likelihood rate of a geometric model: a round accepts drafts
 until the first rejection, so ``alpha = accepted / (accepted + rejections)`` (rounds that accept all their
@@ -24,11 +26,13 @@ drafts add no rejection). A prior worth ``PRIOR_REJECTIONS`` rejections starts i
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
+import statistics
 from collections.abc import Callable, Sequence
 
-from ..bench import costmodel as cm
+from . import costmodel as cm
 
 AUTO = "auto"
 AUTO_MAX_GAMMA = 8  # longest draft the automatic mode considers
@@ -42,8 +46,10 @@ PRIOR_BUDGET = 256
 REJECTION_PER_DOUBLING = 0.8
 PRIOR_REJECTIONS = 2.0  # weight of the prior, in rejection events
 FORGET = 0.97  # per round: how much of the acceptance evidence is kept
-COST_SMOOTHING = 0.3  # weight of the newest measured/predicted ratio
-SPECULATE_GAIN = 1.05  # speculation must be predicted this much faster than plain decoding
+COST_WINDOW = 9  # a phase's correction is the median measured/predicted ratio of its last COST_WINDOW steps
+COST_PRIOR = 2  # the calibration counts as this many steps of ratio 1 until measured steps replace them
+SPECULATE_GAIN = 1.05  # speculation turns on when predicted this much faster than plain decoding
+STOP_GAIN = 1.0  # and off when predicted slower than plain decoding
 SWITCH_GAIN = 1.03  # a new speculative setting must be predicted this much faster than the current one
 
 
@@ -117,6 +123,7 @@ class StepCosts:
     def __init__(self, model: cm.ModelSpec, hardware: cm.Hardware, draft: cm.Draft = cm.SELF_DRAFT):
         self.model, self.hardware, self.draft = model, hardware, draft
         self.correction = dict.fromkeys(cm.PHASES, 1.0)
+        self._ratios = {p: collections.deque([1.0] * COST_PRIOR, maxlen=COST_WINDOW) for p in cm.PHASES}
 
     def target(self, batch: int, context: int) -> float:
         return self.correction["target"] * cm.t_target(self.model, self.hardware, batch, context)
@@ -131,8 +138,8 @@ class StepCosts:
     def observe(self, phase: str, predicted: float, measured: float) -> None:
         """Fold a measured time into the phase's correction (``predicted`` includes the correction)."""
         if predicted > 0 and measured > 0:
-            ratio = measured / predicted * self.correction[phase]
-            self.correction[phase] += COST_SMOOTHING * (ratio - self.correction[phase])
+            self._ratios[phase].append(measured / predicted * self.correction[phase])
+            self.correction[phase] = statistics.median(self._ratios[phase])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,14 +183,16 @@ class AutoPolicy:
         return out
 
     def choose(self, contexts: Sequence[int], acceptance: Sequence[Acceptance]) -> Choice:
-        """The fastest setting. Speculation must beat plain decoding by ``SPECULATE_GAIN`` (the model's
-        errors must not make it lose), and a running speculative setting is kept unless another is
-        ``SWITCH_GAIN`` faster."""
+        """The fastest setting. Speculation starts when predicted ``SPECULATE_GAIN`` faster than plain
+        decoding (the model's errors must not make it lose) and stops when predicted slower than
+        ``STOP_GAIN`` times plain; a running speculative setting is kept unless another is ``SWITCH_GAIN``
+        faster."""
         plain, *options = self.candidates(contexts, acceptance)
         best = max(options, key=lambda c: c.throughput)
         key = None if self.current is None else (self.current.gamma, self.current.budget)
         current = next((c for c in options if (c.gamma, c.budget) == key), None)
         if current is not None and best.throughput < SWITCH_GAIN * current.throughput:
             best = current
-        self.current = best if best.throughput >= SPECULATE_GAIN * plain.throughput else plain
+        gain = STOP_GAIN if current is not None else SPECULATE_GAIN
+        self.current = best if best.throughput >= gain * plain.throughput else plain
         return self.current

@@ -12,6 +12,7 @@ import tvm
 
 from ..compile.attention import PAGE_SIZE, QUERY_TILE
 from ..errors import UserError
+from . import costmodel as cm
 from .artifact import Artifact, ArtifactError
 from .autospec import (
     AUTO_BUDGETS,
@@ -572,7 +573,8 @@ class Engine:
     ) -> None:
         """Each round, the policy's choice: a plain step, or speculation at its gamma and budget."""
         row_of = {r.seq_id: i for i, r in enumerate(requests)}
-        packed_budget, static_all, len_all = None, None, None
+        packed_budget = requests[0].draft.budget  # decode() built every view at this budget
+        static_all, len_all = pack_views([r.view for r in requests])
         while active := [r for r in requests if not r.done]:
             contexts = [len(r.tokens) for r in active]
             choice = policy.choose(contexts, [r.acceptance for r in active])
@@ -583,13 +585,15 @@ class Engine:
                 predicted = policy.costs.target(len(active), round(np.mean(contexts)))
                 policy.costs.observe("target", predicted, time.perf_counter() - t0)
                 continue
-            if choice.budget != packed_budget:
+            if choice.budget != packed_budget:  # a new budget: new views, timed as part of decoding
+                t0 = time.perf_counter()
                 for r in requests:
                     r.draft = dataclasses.replace(r.draft, budget=choice.budget)
                     r.acceptance.move_to(choice.budget)
                 self._build_views(self.drafter, requests, batch)
                 static_all, len_all = pack_views([r.view for r in requests])
                 packed_budget = choice.budget
+                stats.decode_seconds += time.perf_counter() - t0
             rows = [row_of[r.seq_id] for r in active]
             context = round(np.mean(contexts))
             t_draft, t_verify = self._speculative_round(
@@ -603,8 +607,7 @@ class Engine:
         self, batch: PrefilledBatch, draft_kind: str, gamma, budget, draft_settings
     ) -> AutoPolicy:
         """The automatic policy for ``batch``: calibrated step costs, candidate gammas and budgets."""
-        from ..bench import calibrate
-        from ..bench import costmodel as cm
+        from . import calibration  # imports this module (through steptiming)
 
         if draft_settings is not None:
             raise RequestError("draft_settings fix the budget; use budget='auto' or draft_settings, not both")
@@ -629,12 +632,12 @@ class Engine:
                 )
             except ValueError as e:
                 raise RequestError(str(e)) from None
-        calibration = calibrate.load_or_calibrate(self)
+        fit = calibration.load_or_calibrate(self)
         draft = cm.SELF_DRAFT
         if self.drafter is not self.target:
             a = self.drafter.artifact
             draft = cm.Draft(cm.ModelSpec(a.model, cm.DTYPE_BYTES[a.dtype], a.path.name))
-        costs = StepCosts(calibrate.model_spec(self), calibration.hardware, draft)
+        costs = StepCosts(calibration.model_spec(self), fit.hardware, draft)
         gammas = range(1, min(batch.max_gamma, AUTO_MAX_GAMMA) + 1)
         budgets = [k for k in AUTO_BUDGETS if k < self.config.context_window // 2]
         return AutoPolicy(
@@ -643,9 +646,7 @@ class Engine:
             budgets,
             fixed_gamma=None if is_auto(gamma) else int(gamma),
             fixed_budget=None if is_auto(budget) else int(budget or self._default_budget()),
-            acceptance_curve=measured_curve(calibration.acceptance)
-            if calibration.acceptance
-            else prior_curve,
+            acceptance_curve=measured_curve(fit.acceptance) if fit.acceptance else prior_curve,
         )
 
     # ---------------------------------------------------------------------------------------------

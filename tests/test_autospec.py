@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from mlc_magicdec.bench import calibrate as cal
-from mlc_magicdec.bench import costmodel as cm
 from mlc_magicdec.runtime import autospec as auto
+from mlc_magicdec.runtime import calibration as calib
+from mlc_magicdec.runtime import costmodel as cm
 
 SMOLLM2 = cm.ModelSpec(
     cm.ModelConfig(
@@ -95,12 +96,12 @@ def test_additive_step_time_by_hand():
 def test_calibration_round_trips_through_json(tmp_path, monkeypatch):
     monkeypatch.setenv("MLC_MAGICDEC_HOME", str(tmp_path))
     inf_hw = cm.Hardware("c", 1e9, 1e10, overhead_s=1e-3, attention_flops=math.inf, overlap=False)
-    c = cal.Calibration("k1", inf_hw, tuple(design_samples(CPU)[:4]), {256: 0.8, 1024: 0.9})
-    cal.save(c)
-    assert cal.load("k1") == c
-    assert cal.load("missing") is None
-    cal.calibration_path("k2").write_text("{not json")
-    assert cal.load("k2") is None
+    c = calib.Calibration("k1", inf_hw, tuple(design_samples(CPU)[:4]), {256: 0.8, 1024: 0.9})
+    calib.save(c)
+    assert calib.load("k1") == c
+    assert calib.load("missing") is None
+    calib.calibration_path("k2").write_text("{not json")
+    assert calib.load("k2") is None
 
 
 @pytest.mark.parametrize("gamma", [1, 3, 6])
@@ -226,6 +227,26 @@ def test_poor_acceptance_turns_speculation_off():
     assert p.choose([8000] * 8, acc).gamma == 0
 
 
+def test_hysteresis_between_starting_and_stopping_speculation():
+    """Where speculation is predicted only a little faster than plain decoding (between STOP_GAIN and
+    SPECULATE_GAIN), a plain batch stays plain and a speculating batch keeps speculating."""
+    acc = at_prior(1)
+
+    def gain(ctx: int) -> float:
+        plain, *options = policy(CPU).candidates([ctx], acc)
+        return max(c.throughput for c in options) / plain.throughput
+
+    band = [ctx for ctx in range(300, 8192, 16) if auto.STOP_GAIN < gain(ctx) < auto.SPECULATE_GAIN]
+    assert band
+    fresh = policy(CPU)
+    assert fresh.choose([band[0]], acc).gamma == 0
+    running = policy(CPU)
+    assert running.choose([8000], acc).gamma > 0
+    assert running.choose([band[0]], acc).gamma > 0
+    below = [ctx for ctx in range(300, band[0]) if gain(ctx) < auto.STOP_GAIN]
+    assert running.choose([below[-1]], acc).gamma == 0
+
+
 def test_fixed_gamma_or_budget_is_respected():
     p = policy(CPU, fixed_gamma=2)
     c = p.choose([8000] * 4, at_prior(4))
@@ -241,6 +262,18 @@ def test_measured_costs_correct_the_prediction():
         costs.observe("target", costs.target(8, 4096), 2 * predicted)
     assert costs.target(8, 4096) == pytest.approx(2 * predicted, rel=1e-3)
     assert costs.verify(8, 4096, 3) == pytest.approx(cm.t_verify(SMOLLM2, CPU, 8, 4096, 3))
+
+
+def test_one_slow_step_does_not_move_the_correction():
+    """A step slowed tenfold by other load leaves the correction where the steady steps put it."""
+    costs = auto.StepCosts(SMOLLM2, CPU)
+    predicted = cm.t_draft(SMOLLM2, CPU, 1, 256, 8000)
+    costs.observe("draft", costs.draft_step(1, 256, 8000), 10 * predicted)
+    assert costs.correction["draft"] == 1.0  # the calibration's prior still outweighs it
+    for _ in range(auto.COST_WINDOW):
+        costs.observe("draft", costs.draft_step(1, 256, 8000), 1.2 * predicted)
+    costs.observe("draft", costs.draft_step(1, 256, 8000), 10 * predicted)
+    assert costs.correction["draft"] == pytest.approx(1.2)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -271,9 +304,9 @@ def test_cli_calibrate_caches_the_fit_and_generate_auto_uses_it(tiny_models, tmp
     data = json.loads(result.stdout)
     samples = data["calibration"]["samples"]
     assert {s["phase"] for s in samples} == set(cm.PHASES)
-    assert len(samples) == 3 * len(cal.QUICK_DESIGN.batches) * len(cal.QUICK_DESIGN.contexts)
+    assert len(samples) == 3 * len(calib.QUICK_DESIGN.batches) * len(calib.QUICK_DESIGN.contexts)
     assert [(p["batch"], p["context"]) for p in data["plans"]] == [(1, 256), (4, 256)]
-    cached = cal.load(data["calibration"]["key"])
+    cached = calib.load(data["calibration"]["key"])
     assert cached is not None and cached.hardware.name.startswith("calibrated cpu")
 
     result = invoke(

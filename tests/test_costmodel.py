@@ -12,10 +12,10 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from mlc_magicdec.bench import costmodel as cm
 from mlc_magicdec.cli import main
 from mlc_magicdec.compile.config import ModelConfig
 from mlc_magicdec.errors import UserError
+from mlc_magicdec.runtime import costmodel as cm
 
 # A toy target: vocab 10, hidden 4, intermediate 8, 2 layers, 2 heads of dim 2, 1 KV head, untied.
 #   attention per layer = hidden * (q_dim + 2 * kv_dim) + q_dim * hidden = 4 * (4 + 2 + 2) + 4 * 4 = 48
@@ -391,10 +391,17 @@ def test_cli_plan_table_and_plot(tmp_path):
         "256:0.8,512:0.85,1024:0.9",
         "--plot",
         str(png),
+        "--json",
+        str(tmp_path / "plan.json"),
     )
     assert result.exit_code == 0, result.output
     assert "rtx4090" in result.stdout and "critical L" in result.stdout
     assert png.stat().st_size > 0
+    # --json FILE keeps the tables and writes the JSON that --json alone prints, from the same run
+    args = ["--model", "llama-3.1-8b", "--hardware", "rtx4090", "--batch", "1,8", "--context", "4096,32768"]
+    printed = _plan(*args, "--alpha", "256:0.8,512:0.85,1024:0.9", "--json")
+    assert json.loads((tmp_path / "plan.json").read_text()) == json.loads(printed.stdout)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "speedup.png"]  # no temporary file
 
 
 @pytest.mark.parametrize(

@@ -169,11 +169,11 @@ SPECULATION_LOSES = dict(bandwidth=1e15, peak_flops=1e9, attention_flops=1e15)  
 
 
 def forced_calibration(monkeypatch, name: str, rates: dict) -> None:
-    from mlc_magicdec.bench import calibrate as cal
-    from mlc_magicdec.bench import costmodel as cm
+    from mlc_magicdec.runtime import calibration as calib
+    from mlc_magicdec.runtime import costmodel as cm
 
     hw = cm.Hardware(name, overlap=False, **rates)
-    monkeypatch.setattr(cal, "load_or_calibrate", lambda engine: cal.Calibration(name, hw, ()))
+    monkeypatch.setattr(calib, "load_or_calibrate", lambda engine: calib.Calibration(name, hw, ()))
 
 
 @pytest.mark.parametrize("machine", ["pays", "loses", "calibrated"])
