@@ -31,13 +31,17 @@ mlc-magicdec bench "$art" --batch 1,4,8,16 --context 1024,2048,4096,8192 --new-t
 mlc-magicdec bench "$art" --roofline --batch 1,8 --context 1024,4096,8192 --threads "$threads" \
   --json "$out/roofline.json" | tee "$out/roofline.txt"
 
-# The kernel profile (VM instrument) of a decode, verify (gamma 2) and draft (SnapKV 256) step. profile_before.txt
-# was measured the same way on an artifact compiled from commit 36a9bfc (the kernels before issue #5).
-mlc-magicdec bench "$art" --profile --batch 8 --context 8192 --gamma 2 --budget 256 --threads "$threads" \
-  --json "$out/profile_after.json" | tee "$out/profile_after.txt"
+# The kernel profile (VM instrument) of a decode, verify (gamma 2) and draft (SnapKV 256) step at batch 1 and 8
+# x 8k. profile_nosplit_b*.txt was measured the same way on an artifact compiled from commit 4b2906f (before key
+# splitting); profile_before.txt/profile_after.txt on artifacts of commits 36a9bfc and 19065c8 (row tiles).
+for batch in 1 8; do
+  mlc-magicdec bench "$art" --profile --batch "$batch" --context 8192 --gamma 2 --budget 256 --threads "$threads" \
+    --json "$out/profile_split_b$batch.json" | tee "$out/profile_split_b$batch.txt"
+done
 
-# Ours (plain and MagicDec) against transformers and llama.cpp (Q4_1 and F32, flash attention off and on, prompt
-# lookup at batch 1): batch 1 and 8 x 1k, 4k, 8k contexts, 128 new tokens, medians of 3 (1 for the slowest peers).
+# Ours (plain and MagicDec) against transformers and llama.cpp (Q4_1 with F16 KV, F32 with F16 and F32 KV, flash
+# attention off and on, prompt lookup at batch 1): batch 1 and 8 x 1k, 4k, 8k contexts, 128 new tokens, medians
+# of 3 (1 for the slowest peers).
 # One command per cell, so that each cell's table is written as soon as it is measured.
 for batch in 8 1; do
   for context in 8192 4096 1024; do

@@ -258,7 +258,8 @@ def target_lines(rows: list[dict], fractions: dict) -> list[str]:
         want = BANDWIDTH_TARGET_SINGLE if batch == 1 else None
         want = BANDWIDTH_TARGET_BATCHED if batch > 1 and context == BANDWIDTH_BATCHED_CONTEXT else want
         if frac is not None and want is not None:
-            lines.append(f"bandwidth used, plain, batch {batch} x {context}: {_verdict(frac, want, '%')}")
+            verdict = _verdict(frac, want, "%")
+            lines.append(f"read bandwidth used, plain, batch {batch} x {context}: {verdict}")
         hf = best_peer(rows, batch, context, "transformers")
         if hf:
             lines.append(

@@ -105,7 +105,7 @@ def peers_table(rows: list[dict], fractions: dict) -> Table:
         "repeats",
         "ours plain / it",
         "MagicDec / it",
-        "bandwidth used",
+        "read bandwidth used",
     ):
         table.add_column(col, justify="right")
     for r in rows:

@@ -558,7 +558,7 @@ def _bench_peers(artifact, batches, contexts, settings, texts, threads, json_pat
             r["context"] - settings.new_tokens // 2,  # the mean KV length over the decode
             dtype_bytes,
             r["batch"] / r["decode_tok_s"],
-            machine.bandwidth_median,
+            machine.read_bandwidth or machine.bandwidth_median,  # a decode step only reads
         )
         for r in rows
         if r["system"] == peers.OURS_PLAIN

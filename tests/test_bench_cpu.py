@@ -142,11 +142,10 @@ def test_ratios_and_targets():
     assert rows[2]["plain_ratio"] == 4.0 and rows[5]["magicdec_ratio"] == 1.2
     assert peers.best_peer(rows, 8, 8192)["system"] == "llama.cpp Q4_1 KV F16 (flash attn off)"
     lines = peers.target_lines(rows, {(8, 8192): 0.8})
-    assert not any(line.startswith("bandwidth used") for line in lines)  # set at batch 8 x 4k only
+    assert not any(line.startswith("read bandwidth used") for line in lines)  # set at batch 8 x 4k only
     at_4k = [{**r, "context": 4096} for r in rows]
-    assert "bandwidth used, plain, batch 8 x 4096: 60% (target 70%: missed by 14%)" in peers.target_lines(
-        at_4k, {(8, 4096): 0.6}
-    )
+    at_4k_lines = peers.target_lines(at_4k, {(8, 4096): 0.6})
+    assert "read bandwidth used, plain, batch 8 x 4096: 60% (target 70%: missed by 14%)" in at_4k_lines
     assert "plain vs transformers, batch 8 x 8192: 4.00x (target 1.0x: met)" in lines
     llama = "plain vs best llama.cpp F32 KV F32 (flash attn off), batch 8 x 8192: 1.60x"
     assert f"{llama} (target 2.0x: missed by 20%)" in lines
