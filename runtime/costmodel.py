@@ -149,9 +149,9 @@ MEASURED_CPU = "cpu"
 
 def this_cpu(threads: int | None = None) -> Hardware:
     """This machine's CPU, measured now: triad bandwidth (median) and fp32 matmul FLOP/s (``bench/roofline``),
-    and its physical memory."""
-    from ..runtime.threads import available_cpus
-    from . import roofline
+    and its physical memory. (Only ``plan --hardware cpu`` measures; the engine never calls this.)"""
+    from ..bench import roofline
+    from .threads import available_cpus
 
     machine = roofline.measure(threads or available_cpus())
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
