@@ -87,23 +87,33 @@ def _read_kernel(n: int):
     return tvm.compile(tvm.IRModule({"main": read}), target=host_llvm())["main"]
 
 
+def _timed_rates(kernel, args, bytes_moved: int, repeats: int) -> list[float]:
+    """Bytes/s of each of ``repeats`` calls of ``kernel(*args)``, after a warm-up call (faults pages in)."""
+    kernel(*args)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        kernel(*args)
+        rates.append(bytes_moved / (time.perf_counter() - t0))
+    return rates
+
+
+def _array_floats(threads: int, array_bytes: int) -> int:
+    """Set TVM's pool to ``threads`` threads; return the floats (whole chunks) of an ``array_bytes`` array."""
+    from ..runtime.threads import configure_threads
+
+    configure_threads(threads)
+    return array_bytes // np.dtype(np.float32).itemsize // TRIAD_CHUNK * TRIAD_CHUNK
+
+
 def read_bandwidth(threads: int, array_bytes: int = TRIAD_BYTES, repeats: int = TRIAD_REPEATS) -> list[float]:
     """Bytes/s of each of ``repeats`` read-only passes over an array far larger than the caches."""
     import tvm
 
-    from ..runtime.threads import configure_threads
-
-    configure_threads(threads)
-    n = array_bytes // np.dtype(np.float32).itemsize // TRIAD_CHUNK * TRIAD_CHUNK
-    kernel = _read_kernel(n)
+    n = _array_floats(threads, array_bytes)
     b = tvm.runtime.tensor(np.ones(n, np.float32))
     sums = tvm.runtime.empty((n // TRIAD_CHUNK, LANES), "float32")
-    kernel(b, sums)
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        kernel(b, sums)
-        rates.append(n * np.dtype(np.float32).itemsize / (time.perf_counter() - t0))
+    rates = _timed_rates(_read_kernel(n), (b, sums), n * np.dtype(np.float32).itemsize, repeats)
     if not np.allclose(sums.numpy().sum(), n):
         raise AssertionError("the read pass computed a wrong sum")
     return rates
@@ -116,20 +126,12 @@ def triad_bandwidth(
     a compiled kernel on TVM's thread pool with ``threads`` threads."""
     import tvm
 
-    from ..runtime.threads import configure_threads
-
-    configure_threads(threads)
-    n = array_bytes // np.dtype(np.float32).itemsize // TRIAD_CHUNK * TRIAD_CHUNK
-    kernel = _triad_kernel(n)
+    n = _array_floats(threads, array_bytes)
     a = tvm.runtime.tensor(np.zeros(n, np.float32))
     b = tvm.runtime.tensor(np.ones(n, np.float32))
     c = tvm.runtime.tensor(np.full(n, 2.0, np.float32))
-    kernel(a, b, c)
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        kernel(a, b, c)
-        rates.append(TRIAD_PASSES * n * np.dtype(np.float32).itemsize / (time.perf_counter() - t0))
+    moved = TRIAD_PASSES * n * np.dtype(np.float32).itemsize
+    rates = _timed_rates(_triad_kernel(n), (a, b, c), moved, repeats)
     if not np.allclose(a.numpy()[:: n // 16], 1.0 + float(SCALAR) * 2.0):
         raise AssertionError("the triad computed a wrong result")
     return rates

@@ -71,6 +71,12 @@ def _csv_ints(_ctx, _param, value: str | None) -> list[int] | None:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
+def _check_output_folder(path: str | Path | None) -> None:
+    """A results file's folder must exist before the run, not be found missing after an hour of benchmarks."""
+    if path not in (None, "-") and not Path(path).parent.is_dir():
+        raise UserError(f"folder {Path(path).parent} does not exist; create it or choose another output path")
+
+
 def _int_or_auto(_ctx, _param, value: str | None) -> int | str | None:
     if value is None or value == "auto":
         return value
@@ -406,7 +412,11 @@ def _print_stats(results) -> None:
 )
 @click.option("--threads", type=int, default=None, help=THREADS_HELP)
 @click.option(
-    "--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results here."
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write results here.",
 )
 @click.option(
     "--plot",
@@ -468,6 +478,8 @@ def bench_cmd(
     from .bench import magicdec, report
     from .runtime.engine import Engine
 
+    for path in (json_path, plot_path):
+        _check_output_folder(path)
     if sum((peers, roofline, profile, auto_vs_fixed)) > 1:
         raise UserError("choose one of --peers, --roofline, --profile and --auto")
     kinds = [d.strip() for d in drafts.split(",") if d.strip()]
@@ -814,6 +826,8 @@ def plan_cmd(
 
     from .runtime import costmodel as cm
 
+    for path in (json_out, plot_path):
+        _check_output_folder(path)
     us = 1e-6
     report: dict = {}
     as_json = json_out == "-"

@@ -12,6 +12,7 @@ import tvm
 
 from ..compile.attention import PAGE_SIZE, QUERY_TILE
 from ..errors import UserError
+from . import calibration
 from . import costmodel as cm
 from .artifact import Artifact, ArtifactError
 from .autospec import (
@@ -607,8 +608,6 @@ class Engine:
         self, batch: PrefilledBatch, draft_kind: str, gamma, budget, draft_settings
     ) -> AutoPolicy:
         """The automatic policy for ``batch``: calibrated step costs, candidate gammas and budgets."""
-        from . import calibration  # imports this module (through steptiming)
-
         if draft_settings is not None:
             raise RequestError("draft_settings fix the budget; use budget='auto' or draft_settings, not both")
         if batch.max_gamma < 1:

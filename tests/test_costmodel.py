@@ -412,6 +412,7 @@ def test_cli_plan_table_and_plot(tmp_path):
         (("--alpha", "1.5"), "acceptance rate"),
         (("--model", "/no/such/model"), "no model"),
         (("--budget", "4096", "--alpha", "256:0.8,1024:0.9"), "outside"),
+        (("--json", "/no/such/folder/plan.json"), "does not exist"),
     ],
 )
 def test_cli_plan_errors_are_one_line(args, message):
