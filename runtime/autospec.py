@@ -18,10 +18,12 @@ Speculation turns on only when it is predicted to win by a margin (``SPECULATE_G
 is predicted to lose (``STOP_GAIN``); the band between keeps model error from flipping it every round. It
 follows real changes: contexts grow, the batch shrinks as sequences finish, acceptance moves.
 
-Acceptance of one sequence is the maximum-likelihood rate of a geometric model: a round accepts drafts
-until the first rejection, so ``alpha = accepted / (accepted + rejections)`` (rounds that accept all their
-drafts add no rejection). A prior worth ``PRIOR_REJECTIONS`` rejections starts it, and old rounds fade by
-``FORGET`` a round. Across budgets, the rejection rate ``1 - alpha`` follows the prior curve's shape.
+Acceptance of one sequence is the rate of a geometric model: a round accepts drafts until the first
+rejection, so ``alpha = accepted / (accepted + rejections)`` (rounds that accept all their drafts add no
+rejection). It is kept per budget, each with a prior worth ``PRIOR_TRIALS`` drafted tokens, and old rounds
+fade by ``FORGET`` a round. A budget's prior is the sequence's rate at a neighbouring budget moved along the
+average curve's shape; above every budget tried it is at least the average prompt's rate, so a prompt that
+drafts poorly with a small view still tries a larger one before speculation is given up.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ AUTO_BUDGETS = (128, 256, 512, 1024, 2048)  # draft budgets it considers (those 
 PRIOR_ALPHA = 0.85
 PRIOR_BUDGET = 256
 REJECTION_PER_DOUBLING = 0.8
-PRIOR_REJECTIONS = 2.0  # weight of the prior, in rejection events
+PRIOR_TRIALS = 12.0  # weight of a prior rate, in drafted tokens judged (accepted or rejected)
 FORGET = 0.97  # per round: how much of the acceptance evidence is kept
 COST_WINDOW = 9  # a phase's correction is the median measured/predicted ratio of its last COST_WINDOW steps
 COST_PRIOR = 2  # the calibration counts as this many steps of ratio 1 until measured steps replace them
@@ -81,49 +83,67 @@ def measured_curve(points: dict[int, float]) -> Callable[[int], float]:
 
 @dataclasses.dataclass
 class Acceptance:
-    """One sequence's acceptance evidence at the budget it was drafted with."""
+    """One sequence's acceptance evidence, kept per draft budget.
+
+    At each budget the estimate is the rate of its own rounds there with a prior worth ``PRIOR_TRIALS``
+    drafted tokens (``_prior``). One prompt's acceptance can depend on the budget far more than the average
+    prompt's does (drafting poorly at 256 and well at 1024), so a budget is judged by its own rounds once
+    tried, and poor rounds with a small view do not keep the policy from trying a larger one.
+    """
 
     curve: Callable[[int], float]
-    budget: int
-    accepted: float = 0.0
-    rejections: float = 0.0
-
-    def __post_init__(self) -> None:
-        self._seed(self.curve(self.budget), PRIOR_REJECTIONS)
-
-    def _seed(self, alpha: float, rejections: float) -> None:
-        alpha = min(max(alpha, 0.0), 1.0 - 1e-6)
-        self.rejections = rejections
-        self.accepted = rejections * alpha / (1.0 - alpha)
+    budget: int  # the budget it drafts with now
+    # per budget: (accepted drafts, rejections), faded by FORGET a round
+    evidence: dict[int, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
     def observe(self, accepted: int, gamma: int) -> None:
-        """A round drafted ``gamma`` tokens and ``accepted`` of them were accepted."""
-        self.accepted = FORGET * self.accepted + accepted
-        self.rejections = FORGET * self.rejections + (accepted < gamma)
+        """A round drafted ``gamma`` tokens at the current budget and ``accepted`` of them were accepted."""
+        self.evidence = {k: (FORGET * a, FORGET * r) for k, (a, r) in self.evidence.items()}
+        a, r = self.evidence.get(self.budget, (0.0, 0.0))
+        self.evidence[self.budget] = (a + accepted, r + (accepted < gamma))
 
     def alpha(self, budget: int | None = None) -> float:
         """The estimated rate at ``budget`` (default: the current one)."""
-        here = self.accepted / (self.accepted + self.rejections)
-        if budget is None or budget == self.budget:
-            return here
-        scale = (1.0 - self.curve(budget)) / max(1.0 - self.curve(self.budget), 1e-9)
-        return max(0.0, 1.0 - (1.0 - here) * scale)
+        budget = self.budget if budget is None else budget
+        return self._posterior(budget, self._prior(budget))
 
-    def move_to(self, budget: int) -> None:
-        """Carry the estimate over to drafting at ``budget``, with the same weight of evidence."""
-        if budget != self.budget:
-            alpha = self.alpha(budget)
-            self.budget = budget
-            self._seed(alpha, self.rejections)
+    def _prior(self, budget: int) -> float:
+        """The rate expected at ``budget`` before its own rounds: carried from the nearest tried budget above
+        it (a larger SnapKV or StreamingLLM view holds the smaller one, so it bounds it), else from the
+        largest tried below it but never less than the average prompt's rate there, else the average."""
+        tried = [k for k in self.evidence if k != budget]
+        above = [k for k in tried if k > budget]
+        if above:
+            return self._carried(min(above), budget)
+        if tried:
+            return max(self.curve(budget), self._carried(max(tried), budget))
+        return self.curve(budget)
+
+    def _posterior(self, budget: int, prior: float) -> float:
+        """The geometric model's rate from the rounds at ``budget`` and a prior rate ``prior``."""
+        accepted, rejections = self.evidence.get(budget, (0.0, 0.0))
+        return (accepted + PRIOR_TRIALS * prior) / (accepted + rejections + PRIOR_TRIALS)
+
+    def _carried(self, source: int, budget: int) -> float:
+        """The rate measured at ``source`` moved to ``budget``: rejection rates scale as the curve's do."""
+        alpha = self._posterior(source, self.curve(source))
+        scale = (1.0 - self.curve(budget)) / max(1.0 - self.curve(source), 1e-9)
+        return max(0.0, 1.0 - (1.0 - alpha) * scale)
 
 
 class StepCosts:
-    """Predicted step times: the cost model on calibrated rates, times a measured correction per phase."""
+    """Predicted step times: the cost model on calibrated rates, times a measured correction per phase.
+
+    A phase's correction is the median measured/predicted ratio of its recent steps. A phase not measured
+    yet takes the median correction of those that are: a machine slower or faster than at calibration is
+    so for every phase, and plain steps alone must not make speculation look cheaper than it is.
+    """
 
     def __init__(self, model: cm.ModelSpec, hardware: cm.Hardware, draft: cm.Draft = cm.SELF_DRAFT):
         self.model, self.hardware, self.draft = model, hardware, draft
         self.correction = dict.fromkeys(cm.PHASES, 1.0)
         self._ratios = {p: collections.deque([1.0] * COST_PRIOR, maxlen=COST_WINDOW) for p in cm.PHASES}
+        self._measured: set[str] = set()
 
     def target(self, batch: int, context: int) -> float:
         return self.correction["target"] * cm.t_target(self.model, self.hardware, batch, context)
@@ -139,7 +159,10 @@ class StepCosts:
         """Fold a measured time into the phase's correction (``predicted`` includes the correction)."""
         if predicted > 0 and measured > 0:
             self._ratios[phase].append(measured / predicted * self.correction[phase])
-            self.correction[phase] = statistics.median(self._ratios[phase])
+            self._measured.add(phase)
+            own = {p: statistics.median(self._ratios[p]) for p in self._measured}
+            shared = statistics.median(own.values())
+            self.correction = {p: own.get(p, shared) for p in cm.PHASES}
 
 
 @dataclasses.dataclass(frozen=True)

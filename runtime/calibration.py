@@ -23,7 +23,7 @@ from ..compile.fetch import home
 from . import costmodel as cm
 from .steptiming import step_costs
 
-CALIBRATION_FORMAT = 1
+CALIBRATION_FORMAT = 2  # 2: draft steps timed through SnapKV-like clustered views
 INFINITE = "inf"  # an unresolved rate in the JSON file
 CALIBRATION_DIR = "calibration"
 

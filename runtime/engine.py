@@ -590,7 +590,7 @@ class Engine:
                 t0 = time.perf_counter()
                 for r in requests:
                     r.draft = dataclasses.replace(r.draft, budget=choice.budget)
-                    r.acceptance.move_to(choice.budget)
+                    r.acceptance.budget = choice.budget
                 self._build_views(self.drafter, requests, batch)
                 static_all, len_all = pack_views([r.view for r in requests])
                 packed_budget = choice.budget

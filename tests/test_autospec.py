@@ -160,11 +160,42 @@ def test_acceptance_without_rejections_tends_to_one_and_moves_along_the_curve():
     for _ in range(50):
         a.observe(3, 3)
     assert a.alpha() > 0.98
+    # a sequence better than average carries its rate to other budgets: its rejection rate scales as the
+    # curve's does
+    rejection_256 = 1 - a.alpha()
+    assert 1 - a.alpha(1024) == pytest.approx(
+        rejection_256 * (1 - auto.prior_curve(1024)) / (1 - auto.prior_curve(256))
+    )
     b = auto.Acceptance(auto.prior_curve, 256)
-    # doubling the budget scales the rejection rate by the prior's REJECTION_PER_DOUBLING
+    # untried budgets start at the curve: doubling the budget scales the rejection rate by the prior's
+    # REJECTION_PER_DOUBLING
     assert 1 - b.alpha(512) == pytest.approx((1 - auto.PRIOR_ALPHA) * auto.REJECTION_PER_DOUBLING)
-    b.move_to(512)
-    assert b.budget == 512 and b.alpha() == pytest.approx(auto.prior_curve(512))
+    b.budget = 512
+    assert b.alpha() == pytest.approx(auto.prior_curve(512))
+
+
+def draft_rounds(a: auto.Acceptance, true_alpha: float, gamma: int, rounds: int, rng) -> None:
+    for _ in range(rounds):
+        accepted = 0
+        while accepted < gamma and rng.random() < true_alpha:
+            accepted += 1
+        a.observe(accepted, gamma)
+
+
+def test_acceptance_is_learned_per_budget():
+    """A prompt that drafts poorly at 256 and well at 1024 (far more apart than the average curve): poor
+    rounds at 256 leave 1024 at the average prompt's rate, and 1024's own rounds then decide there."""
+    rng = np.random.default_rng(2)
+    a = auto.Acceptance(auto.prior_curve, 256)
+    draft_rounds(a, 0.5, 3, 40, rng)
+    assert a.alpha() == pytest.approx(0.5, abs=0.1)
+    assert a.alpha(1024) == pytest.approx(auto.prior_curve(1024))  # untried: the average, not 0.5 carried
+    a.budget = 1024
+    draft_rounds(a, 0.97, 3, 40, rng)
+    assert a.alpha() > auto.prior_curve(1024)
+    assert a.alpha(256) < auto.prior_curve(256)  # its own poor rounds, still remembered (faded) ...
+    draft_rounds(a, 0.97, 3, 200, rng)  # ... until they fade and the rate carried from 1024 takes over
+    assert a.alpha(256) > auto.prior_curve(256)
 
 
 def test_measured_curve_interpolates_and_extends_along_the_prior():
@@ -218,13 +249,38 @@ def test_speculation_is_off_where_it_does_not_pay_and_turns_on_as_contexts_grow(
 
 
 def test_poor_acceptance_turns_speculation_off():
+    """Drafts that are always rejected: the policy tries the budgets where an average prompt would draft
+    well, each for a few rounds, then stops speculating for good."""
     p = policy(CPU)
     acc = at_prior(8)
-    assert p.choose([8000] * 8, acc).gamma > 0
-    for a in acc:
-        for _ in range(30):
-            a.observe(0, 3)
-    assert p.choose([8000] * 8, acc).gamma == 0
+    tried, gammas = [], []
+    for _ in range(60):
+        c = p.choose([8000] * 8, acc)
+        gammas.append(c.gamma)
+        if c.gamma:
+            tried.append(c.budget)
+            for a in acc:
+                a.budget = c.budget
+                a.observe(0, c.gamma)
+    assert gammas[0] > 0 and len(set(tried)) > 1
+    assert len(tried) < 20 and not any(gammas[len(tried) :])
+
+
+def test_a_prompt_that_drafts_poorly_with_a_small_view_moves_to_a_larger_one():
+    """Acceptance that rises with the budget far more steeply than the average curve (a long prompt whose
+    attention is spread out): the policy leaves the small views it starts with for a larger one, where
+    speculation pays, instead of giving speculation up."""
+    true_alpha = {128: 0.3, 256: 0.4, 512: 0.7, 1024: 0.97}
+    p, acc, rng = policy(CPU), at_prior(1), np.random.default_rng(3)
+    chosen = []
+    for _ in range(40):
+        c = p.choose([8000], acc)
+        chosen.append((c.gamma, c.budget))
+        if c.gamma:
+            acc[0].budget = c.budget
+            draft_rounds(acc[0], true_alpha[c.budget], c.gamma, 1, rng)
+    assert chosen[0][0] > 0 and chosen[0][1] < 1024
+    assert all(g > 0 and k == 1024 for g, k in chosen[-10:])
 
 
 def test_hysteresis_between_starting_and_stopping_speculation():
@@ -256,12 +312,19 @@ def test_fixed_gamma_or_budget_is_respected():
 
 
 def test_measured_costs_correct_the_prediction():
+    """Measured steps correct their phase; phases not measured yet follow the measured ones (the machine is
+    slower than calibrated for all of them) until their own steps say otherwise."""
     costs = auto.StepCosts(SMOLLM2, CPU)
     predicted = costs.target(8, 4096)
     for _ in range(40):
         costs.observe("target", costs.target(8, 4096), 2 * predicted)
     assert costs.target(8, 4096) == pytest.approx(2 * predicted, rel=1e-3)
-    assert costs.verify(8, 4096, 3) == pytest.approx(cm.t_verify(SMOLLM2, CPU, 8, 4096, 3))
+    assert costs.verify(8, 4096, 3) == pytest.approx(2 * cm.t_verify(SMOLLM2, CPU, 8, 4096, 3), rel=1e-3)
+    for _ in range(40):
+        costs.observe("verify", costs.verify(8, 4096, 3), 1.5 * cm.t_verify(SMOLLM2, CPU, 8, 4096, 3))
+    assert costs.verify(8, 4096, 3) == pytest.approx(1.5 * cm.t_verify(SMOLLM2, CPU, 8, 4096, 3), rel=1e-3)
+    assert costs.target(8, 4096) == pytest.approx(2 * predicted, rel=1e-3)
+    assert costs.correction["draft"] == pytest.approx(1.75, rel=1e-3)  # the median of the two measured
 
 
 def test_one_slow_step_does_not_move_the_correction():
