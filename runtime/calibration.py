@@ -23,26 +23,27 @@ from ..compile.fetch import home
 from . import costmodel as cm
 from .steptiming import step_costs
 
-CALIBRATION_FORMAT = 2  # 2: draft steps timed through SnapKV-like clustered views
+CALIBRATION_FORMAT = 2  # 2: draft steps at two budgets, through SnapKV-like clustered views
 INFINITE = "inf"  # an unresolved rate in the JSON file
 CALIBRATION_DIR = "calibration"
 
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationDesign:
-    """The steps a calibration times: every (batch, context), one draft budget and one verify length."""
+    """The steps a calibration times: every (batch, context), draft steps at each budget (two budgets
+    separate the KV gathered through the view from the rest of a draft step) and one verify length."""
 
     batches: tuple[int, ...]
     contexts: tuple[int, ...]
-    budget: int
+    budgets: tuple[int, ...]
     gamma: int
     repeats: int
 
 
 # QUICK runs in a few seconds, when ``gamma="auto"`` first meets an uncalibrated artifact; FULL is
 # ``plan --calibrate`` and spans the bench grid's range.
-QUICK_DESIGN = CalibrationDesign((1, 4), (512, 2048), 256, 3, 2)
-FULL_DESIGN = CalibrationDesign((1, 4, 16), (1024, 4096, 8192), 256, 4, 3)
+QUICK_DESIGN = CalibrationDesign((1, 4), (512, 2048), (128, 512), 3, 2)
+FULL_DESIGN = CalibrationDesign((1, 4, 16), (1024, 4096, 8192), (256, 1024), 4, 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,16 +122,13 @@ def measure(
                 if progress:
                     progress(f"timing steps at batch {batch}, context {context}")
                 costs = step_costs(
-                    runner, batch, context, [design.gamma], ["snapkv"], [design.budget], design.repeats
+                    runner, batch, context, [design.gamma], ["snapkv"], design.budgets, design.repeats
                 )
                 samples += [
                     cm.StepSample("target", batch, context, 1, costs["T_AR"]),
-                    cm.StepSample(
-                        "draft",
-                        batch,
-                        min(design.budget, context),
-                        1,
-                        costs["T_D"][f"snapkv/{design.budget}"],
+                    *(
+                        cm.StepSample("draft", batch, min(k, context), 1, costs["T_D"][f"snapkv/{k}"])
+                        for k in design.budgets
                     ),
                     cm.StepSample("verify", batch, context, design.gamma + 1, costs["T_V"][design.gamma]),
                 ]

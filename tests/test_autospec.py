@@ -367,7 +367,8 @@ def test_cli_calibrate_caches_the_fit_and_generate_auto_uses_it(tiny_models, tmp
     data = json.loads(result.stdout)
     samples = data["calibration"]["samples"]
     assert {s["phase"] for s in samples} == set(cm.PHASES)
-    assert len(samples) == 3 * len(calib.QUICK_DESIGN.batches) * len(calib.QUICK_DESIGN.contexts)
+    design = calib.QUICK_DESIGN
+    assert len(samples) == (2 + len(design.budgets)) * len(design.batches) * len(design.contexts)
     assert [(p["batch"], p["context"]) for p in data["plans"]] == [(1, 256), (4, 256)]
     cached = calib.load(data["calibration"]["key"])
     assert cached is not None and cached.hardware.name.startswith("calibrated cpu")

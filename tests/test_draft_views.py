@@ -10,6 +10,7 @@ import torch
 from conftest import TINY_CONTEXT, TINY_VOCAB
 
 from mlc_magicdec.runtime.engine import Engine
+from mlc_magicdec.runtime.steptiming import synthetic_view
 from mlc_magicdec.runtime.views import (
     DraftSettings,
     pack_views,
@@ -135,6 +136,20 @@ def test_pack_views_pads_ragged_static_lists():
     assert static.shape == (3, LAYERS, HEADS, 8)
     for i, v in enumerate(views):
         np.testing.assert_array_equal(static[i, ..., : lens[i]], v.static)
+
+
+@pytest.mark.parametrize("budget", [128, 1024])
+def test_synthetic_snapkv_views_come_in_runs_like_real_ones(budget):
+    """The views that time draft steps (calibration, bench grid) hold ``budget - window`` distinct earlier
+    positions per layer and head, in runs of neighbours as real SnapKV selections are (6-15 on average on
+    Austen prompts), not scattered one by one."""
+    settings, context = DraftSettings("snapkv", budget), 8192
+    view = synthetic_view(settings, context, LAYERS, HEADS, np.random.default_rng(0))
+    keep = budget - settings.window
+    assert view.static.shape == (LAYERS, HEADS, keep)
+    assert (np.diff(view.static, axis=-1) > 0).all() and view.static.max() < context - settings.window
+    runs = (np.diff(view.static, axis=-1) != 1).sum(-1) + 1
+    assert 6 <= keep / runs.mean() <= 15
 
 
 # ------------------------------------------------------------------------------------------------------
