@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue #6's figures on this machine (SmolLM2-135M fp32, llvm): the calibrated cost model's prediction error
-# over a MagicDec grid, and gamma/budget='auto' against every fixed setting. About an hour on 2 cores.
+# over a MagicDec grid, and gamma/budget='auto' against every fixed setting. About 35 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=bench/results

@@ -24,7 +24,7 @@ SYNTHETIC_SEQ_BASE = 1 << 30  # sequence ids for synthetic timing sequences (nev
 # SnapKV keeps runs of neighbouring positions (high scores cluster, and the selection smooths them): runs of
 # 6-15 positions on average on Austen prompts at budgets 128-2048. Heavy-tailed (Pareto) scores smoothed over
 # this many positions give runs of 9-11 through the same selection, so a synthetic draft step reads the KV
-# as locally as a real one; uniformly scattered positions made it up to 20% slower at budget 1024.
+# about as locally as a real one (uniformly scattered positions made it up to 25% slower).
 SYNTHETIC_SCORE_SPAN = 9
 
 
