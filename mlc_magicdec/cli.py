@@ -412,11 +412,7 @@ def _print_stats(results) -> None:
 )
 @click.option("--threads", type=int, default=None, help=THREADS_HELP)
 @click.option(
-    "--json",
-    "json_path",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Write results here.",
+    "--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results here."
 )
 @click.option(
     "--plot",
