@@ -1,7 +1,7 @@
 """The memory roofline of decoding on this CPU: measured bandwidth and FLOP/s, and what they allow.
 
 A decode step reads every weight once and each sequence's KV cache once, so the fastest a step can be is
-``bytes(step) / bandwidth`` with ``bytes(step) = W + batch * KV(context)`` (see MAGICDEC.md).
+``bytes(step) / bandwidth`` with ``bytes(step) = W + batch * KV(context)`` (MagicDec, arXiv:2408.11049).
 
 - **Bandwidth** is a STREAM-like triad ``a = b + s * c`` over three arrays far larger than the caches,
   counting 3 array passes of bytes (two reads, one write) as STREAM does; a compiled, vectorized kernel runs

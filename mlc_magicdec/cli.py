@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import sys
-from importlib import resources
 from pathlib import Path
 
 import click
@@ -14,16 +14,20 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import UserError
+from .texts import BENCH_NOVEL, demo_prompt, read_text
 
 console = Console(stderr=True)
 TABLE_WIDTH = 160  # tables are printed this wide when the output is not a terminal (logs, CI, files)
 out = Console(width=None if Console().is_terminal else TABLE_WIDTH)
-DEMO_PROMPT = "pride_and_prejudice_ch1-3.txt"
-BENCH_TEXT = "persuasion.txt"
 THREADS_HELP = "CPU threads for us and every peer (default: $TVM_NUM_THREADS, else all available CPUs)."
 PROFILE_TOP = 12  # kernels listed per profiled step
 DEFAULT_MODEL = "smollm2"
 DEFAULT_ALPHA = "0.85"  # plan's acceptance rate when none is given or measured
+
+
+def _command_line() -> str:
+    """The command being run, as a user would type it (the program's name, not its install path)."""
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
 def _write_json(path: Path, data) -> None:
@@ -512,7 +516,7 @@ def bench_cmd(
     cfg = magicdec.BenchConfig(batches, contexts, gammas, kinds, budgets, new_tokens, repeats)
     sources = _bench_texts(texts)
     engine = Engine(artifact, threads=threads)
-    header = report.header(engine, " ".join(sys.argv))
+    header = report.header(engine, _command_line())
     out.print(header, highlight=False)
     results = magicdec.run(engine, sources, cfg, progress=lambda m: console.print(f"[dim]{m}[/dim]"))
     results["header"] = header
@@ -526,9 +530,7 @@ def bench_cmd(
 
 def _bench_texts(paths) -> list[str]:
     """The benchmark's prompt sources: the given files, or the novel shipped with the package."""
-    return [_read_prompt(p) for p in paths] or [
-        resources.files("mlc_magicdec").joinpath("data", BENCH_TEXT).read_text(encoding="utf-8")
-    ]
+    return [_read_prompt(p) for p in paths] or [read_text(BENCH_NOVEL)]
 
 
 def _peer_settings(new_tokens, repeats, peer_repeats, kinds, budgets, gammas):
@@ -547,7 +549,7 @@ def _bench_peers(artifact, batches, contexts, settings, texts, threads, json_pat
 
     sources = _bench_texts(texts)
     engine = Engine(artifact, threads=threads)
-    header = report.header(engine, " ".join(sys.argv))
+    header = report.header(engine, _command_line())
     out.print(header, highlight=False)
     console.print("[dim]measuring memory bandwidth[/dim]")
     machine = roofline.measure(engine.threads)
@@ -601,7 +603,7 @@ def _bench_roofline(artifact, batches, contexts, threads, json_path) -> None:
     threads = configure_threads(threads)
     art = Artifact.load(artifact)
     out.print(
-        f"command: {' '.join(sys.argv)} | model: {art.config.get('source', '?')} ({art.dtype}) | "
+        f"command: {_command_line()} | model: {art.config.get('source', '?')} ({art.dtype}) | "
         f"threads: {threads}",
         highlight=False,
     )
@@ -619,7 +621,7 @@ def _bench_profile(artifact, batches, contexts, gamma, budget, repeats, threads,
     from .runtime.engine import Engine
 
     engine = Engine(artifact, threads=threads)
-    out.print(report.header(engine, " ".join(sys.argv)), highlight=False)
+    out.print(report.header(engine, _command_line()), highlight=False)
     results = []
     for batch in batches:
         for context in contexts:
@@ -652,7 +654,7 @@ def _bench_auto(
     from .runtime.engine import Engine
 
     engine = Engine(artifact, threads=threads)
-    header = report.header(engine, " ".join(sys.argv))
+    header = report.header(engine, _command_line())
     out.print(header, highlight=False)
     cfg = auto_vs_fixed.AutoBenchConfig(batches, contexts, gammas, budgets, draft, new_tokens, repeats)
     results = auto_vs_fixed.run(
@@ -687,7 +689,7 @@ def demo_cmd(max_new_tokens: int, threads: int | None) -> None:
     artifact = artifact_cache() / "smollm2-llvm"
     if not _is_current(artifact):
         compile_model(model, artifact, target="llvm", force=True)
-    prompt = resources.files("mlc_magicdec").joinpath("data", DEMO_PROMPT).read_text(encoding="utf-8")
+    prompt = demo_prompt()
     console.print(f"prompt: Pride and Prejudice, chapters 1-3 ({len(prompt)} characters)")
     settings = dict(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, seed=None)
     _generate(artifact, [prompt], threads=threads, **settings)

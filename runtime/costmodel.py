@@ -6,7 +6,7 @@ per KV entry per query head per token (``QK^T`` and ``PV``). With tensor paralle
 weights, the KV cache and the FLOPs are split ``n`` ways, so bytes and FLOPs are divided by ``n``
 (communication is not modelled; put it in ``Hardware.overhead_s``).
 
-From the step times and an acceptance rate ``alpha`` (see ``/work/shared/MAGICDEC.md``)::
+From the step times and an acceptance rate ``alpha`` (MagicDec, Chen et al. 2024, arXiv:2408.11049)::
 
     Omega(gamma, alpha) = (1 - alpha^(gamma+1)) / (1 - alpha)      expected tokens per iteration
     T_SD                = (gamma * T_D + T_V(gamma)) / Omega       time per generated token

@@ -13,10 +13,6 @@ from pathlib import Path
 
 import pytest
 
-TEXTS_ENV = "MLC_MAGICDEC_TEXTS"
-DEFAULT_TEXTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "texts"
-AUSTEN_NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice",
-                 "sensesensibility")
 SMOLLM2_FIXTURES = {"smollm2_gguf", "smollm2_artifact"}
 
 # ------------------------------------------------------------------------------------------------------
@@ -59,19 +55,13 @@ def smollm2_artifact(smollm2_gguf, tmp_path_factory) -> Path:
 # Texts
 
 
-def texts_dir() -> Path:
-    env = os.environ.get(TEXTS_ENV)
-    return Path(env).expanduser() if env else DEFAULT_TEXTS
-
-
 @pytest.fixture(scope="session")
 def austen_texts() -> dict[str, str]:
-    """The six Austen novels, ``name -> text`` (``emma``, ``persuasion``, ...)."""
-    folder = texts_dir()
-    texts = {p.stem: p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.txt"))}
-    missing = [name for name in AUSTEN_NOVELS if name not in texts]
-    assert not missing, f"{folder} lacks {missing}; set ${TEXTS_ENV} to the folder holding the novels"
-    return texts
+    """The six Austen novels shipped with the package, ``name -> text`` (``emma``, ``persuasion``, ...);
+    a missing or empty one fails the test that needs it, with the reason."""
+    from mlc_magicdec.texts import novels
+
+    return novels()
 
 
 # ------------------------------------------------------------------------------------------------------

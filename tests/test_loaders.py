@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -15,8 +16,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mlc_magicdec.compile.config import ModelError
 from mlc_magicdec.compile.loaders import LoadedModel, load_model, unpermute_qk
+from mlc_magicdec.texts import novels
 
-TEXTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "texts"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TINY_VOCAB = 320
 TRICKY = [
@@ -35,9 +36,13 @@ TRICKY = [
 ]
 
 
+_novels = functools.cache(novels)
+
+
 def _austen(chars_per_book: int = 3000, offset: int = 20000) -> list[str]:
-    books = sorted(TEXTS.glob("*.txt"))
-    return [p.read_text(encoding="utf-8")[offset:offset + chars_per_book] for p in books]
+    books = [text[offset:offset + chars_per_book] for text in _novels().values()]
+    assert all(books), f"the shipped Austen texts are shorter than {offset + chars_per_book} characters"
+    return books
 
 
 def _one_line_error(excinfo: pytest.ExceptionInfo) -> str:
