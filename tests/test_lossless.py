@@ -169,11 +169,14 @@ SPECULATION_LOSES = dict(bandwidth=1e15, peak_flops=1e9, attention_flops=1e15)  
 
 
 def forced_calibration(monkeypatch, name: str, rates: dict) -> None:
+    from mlc_magicdec.runtime import autospec
     from mlc_magicdec.runtime import calibration as calib
     from mlc_magicdec.runtime import costmodel as cm
 
     hw = cm.Hardware(name, overlap=False, **rates)
     monkeypatch.setattr(calib, "load_or_calibrate", lambda engine: calib.Calibration(name, hw, ()))
+    # the machine stays forced: this CPU's measured step times must not correct its predictions
+    monkeypatch.setattr(autospec.StepCosts, "observe", lambda self, phase, predicted, measured: None)
 
 
 @pytest.mark.parametrize("machine", ["pays", "loses", "calibrated"])
@@ -194,7 +197,11 @@ def test_auto_speculation_is_lossless(engine, prefilled, machine, monkeypatch, t
     assert len(spec_rounds) == stats.verify_steps
     assert stats.draft_steps == sum(g for _, g, _ in spec_rounds)
     if machine == "pays":
-        assert len(spec_rounds) == len(choices), "speculation pays on this machine but was not used"
+        # it pays while the batch's KV outweighs the weights; the last sequence alone reads mostly weights,
+        # which a self-draft reads too, so there plain decoding may rightly win
+        wide = [c for c in choices if c[0] > len(plain) // 2]
+        assert wide and all(g > 0 for _, g, _ in wide), f"speculation pays here but was not used: {choices}"
+        assert len(spec_rounds) >= 0.9 * len(choices), choices
         assert stats.accepted_tokens > 0
         assert len({(g, k) for _, g, k in spec_rounds}) > 1, "the policy never adapted gamma or budget"
     elif machine == "loses":
