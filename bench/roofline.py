@@ -15,6 +15,7 @@ A decode step reads every weight once and each sequence's KV cache once, so the 
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..compile.config import ModelConfig
-from ..runtime.costmodel import ModelSpec
+from ..runtime.costmodel import MEASURED_CPU, Hardware, ModelSpec
 
 TRIAD_BYTES = 256 << 20  # bytes per triad array (three of them: far larger than any CPU cache)
 TRIAD_PASSES = 3  # a triad reads two arrays and writes one
@@ -212,3 +213,13 @@ def bandwidth_fraction(
 ) -> float:
     """Achieved bytes/s of a decode step taking ``step_s`` seconds, as a fraction of ``bandwidth``."""
     return step_bytes(cfg, batch, context, dtype_bytes) / step_s / bandwidth
+
+
+def this_cpu(threads: int | None = None) -> Hardware:
+    """This machine's CPU, measured now: triad bandwidth (median) and fp32 matmul FLOP/s, and its physical
+    memory. (Only ``plan --hardware cpu`` measures; the engine never calls this.)"""
+    from ..runtime.threads import available_cpus
+
+    machine = measure(threads or available_cpus())
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return Hardware(MEASURED_CPU, machine.bandwidth_median, machine.matmul_flops, memory=float(memory))

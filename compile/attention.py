@@ -32,8 +32,7 @@ from tvm import tirx
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.target import Target
 
-PAGE_SIZE = 16  # token slots per KV page (the stock TVM paged kernels also require 16)
-QUERY_TILE = 16  # most tokens in one query tile
+from ..constants import PAGE_SIZE
 
 
 @dataclasses.dataclass

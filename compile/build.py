@@ -23,9 +23,10 @@ from tvm import relax
 from tvm.contrib import tvmjs
 
 from .. import __version__
+from ..constants import DRAFT_KINDS
 from ..errors import UserError
 from ..hashing import file_sha256
-from ..runtime.artifact import ARTIFACT_FORMAT, CONFIG_NAME
+from ..manifest import ARTIFACT_FORMAT, CONFIG_NAME
 from ..schedules import relax_pipeline
 from . import cuda
 from .config import ModelConfig
@@ -39,7 +40,6 @@ METAL_LIBRARY_NAME = "model.tar"  # Metal: objects to link into a dylib on macOS
 FATBIN_NAME = "model.fatbin"  # CUDA: the kernels as SASS for every requested arch (see compile.cuda)
 TOKENIZER_NAME = "tokenizer.json"
 WEIGHT_SHARD_MB = 32  # shard size of params_shard_*.bin (MLC's default)
-DRAFT_KINDS = ("streamingllm", "snapkv")
 
 
 def artifact_cache() -> Path:

@@ -15,7 +15,7 @@ import shutil
 import tvm
 from tvm.target import Target
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 
 CUDA_SOURCE_FORMAT = "cuda"  # the kind of the library's imported module that holds the kernels' source
 
@@ -73,5 +73,5 @@ def _first_error(message: str) -> str:
     output = message.split("Compilation error:", 1)[-1]
     for line in output.splitlines():
         if "error" in line.lower():
-            return " ".join(line.split())[:300]
-    return " ".join(output.split())[:300]
+            return one_line(line)
+    return one_line(output)

@@ -20,9 +20,10 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, one_line
+from ..fileio import atomic_write_json
 from ..hashing import file_sha256
-from ..runtime.artifact import CONFIG_NAME
+from ..manifest import CONFIG_NAME
 
 DYLIB_NAME = "model.dylib"
 
@@ -59,11 +60,9 @@ def link_metal(artifact: str | os.PathLike) -> Path:
         try:
             cc.create_shared(str(partial), objects, cc="clang")
         except RuntimeError as e:
-            raise LinkError(f"clang could not link {tar.name}: {' '.join(str(e).split())[:200]}") from None
+            raise LinkError(f"clang could not link {tar.name}: {one_line(e)}") from None
         os.replace(partial, dylib)
     config["library"] = DYLIB_NAME
     config["hashes"]["library"] = file_sha256(dylib)
-    tmp_cfg = cfg_path.with_suffix(".json.partial")
-    tmp_cfg.write_text(json.dumps(config, indent=2))
-    os.replace(tmp_cfg, cfg_path)
+    atomic_write_json(cfg_path, config)
     return dylib

@@ -9,9 +9,9 @@ import re
 import tvm
 from tvm.target import Target
 
-from ..errors import UserError
+from ..constants import GPU_TARGETS
+from ..errors import TargetError
 
-GPU_TARGETS = ("cuda", "metal", "vulkan")
 TARGETS = ("llvm", *GPU_TARGETS)
 GPU_DTYPE = "float16"  # weights and KV on GPU targets unless --dtype says otherwise
 DEFAULT_CUDA_ARCH = "sm_89"  # RTX 4090 (Ada), when no GPU is here to detect
@@ -43,9 +43,6 @@ VULKAN_MISSING = (
     "wheel lacks; install such a build (e.g. MLC-LLM's TVM wheels) or use --target cuda, metal or llvm"
 )
 
-
-class TargetError(UserError, ValueError):
-    """A target that cannot be built here; the message is one line and says what to do."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .errors import UserError
+from .errors import UserError, one_line
+from .fileio import atomic_write_json
 from .texts import BENCH_NOVEL, demo_prompt, read_text
 
 console = Console(stderr=True)
@@ -28,16 +29,6 @@ DEFAULT_ALPHA = "0.85"  # plan's acceptance rate when none is given or measured
 def _command_line() -> str:
     """The command being run, as a user would type it (the program's name, not its install path)."""
     return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
-
-
-def _write_json(path: Path, data) -> None:
-    """Write ``data`` as JSON to ``path`` via a temporary file, so that a failed run leaves no half file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _one_line_errors(fn):
@@ -56,7 +47,7 @@ def _one_line_errors(fn):
         except Exception as e:  # noqa: BLE001 - the promise is: never a traceback
             if os.environ.get("MLC_MAGICDEC_DEBUG"):
                 raise
-            msg = " ".join(str(e).split())[:300]
+            msg = one_line(e)
             click.echo(
                 f"internal error: {type(e).__name__}: {msg} (set MLC_MAGICDEC_DEBUG=1 for the traceback)",
                 err=True,
@@ -523,7 +514,7 @@ def bench_cmd(
     out.print(report.magicdec_table(results))
     out.print(report.acceptance_table(results))
     if json_path:
-        _write_json(json_path, results)
+        atomic_write_json(json_path, results)
     if plot_path:
         report.plot_speedup(results, plot_path)
 
@@ -577,7 +568,7 @@ def _bench_peers(artifact, batches, contexts, settings, texts, threads, json_pat
     for line in notes + peers.target_lines(rows, fractions):
         out.print(line, highlight=False)
     if json_path:
-        _write_json(
+        atomic_write_json(
             json_path,
             {
                 "header": header,
@@ -590,9 +581,9 @@ def _bench_peers(artifact, batches, contexts, settings, texts, threads, json_pat
 
 
 def _dtype_bytes(dtype: str) -> int:
-    import numpy as np
+    from .constants import DTYPE_BYTES
 
-    return np.dtype(dtype).itemsize
+    return DTYPE_BYTES[dtype]
 
 
 def _bench_roofline(artifact, batches, contexts, threads, json_path) -> None:
@@ -613,7 +604,7 @@ def _bench_roofline(artifact, batches, contexts, threads, json_path) -> None:
     )
     out.print(report.roofline_table(machine, rows))
     if json_path:
-        _write_json(json_path, {"machine": vars(machine), "rows": rows})
+        atomic_write_json(json_path, {"machine": vars(machine), "rows": rows})
 
 
 def _bench_profile(artifact, batches, contexts, gamma, budget, repeats, threads, json_path) -> None:
@@ -644,7 +635,7 @@ def _bench_profile(artifact, batches, contexts, gamma, budget, repeats, threads,
                     }
                 )
     if json_path:
-        _write_json(json_path, results)
+        atomic_write_json(json_path, results)
 
 
 def _bench_auto(
@@ -663,12 +654,12 @@ def _bench_auto(
     results["header"] = header
     out.print(auto_vs_fixed.table(results))
     if json_path:
-        _write_json(json_path, results)
+        atomic_write_json(json_path, results)
 
 
 def _is_current(artifact: Path) -> bool:
     """Whether ``artifact`` exists and this version can load it."""
-    from .runtime.artifact import ARTIFACT_FORMAT, CONFIG_NAME
+    from .manifest import ARTIFACT_FORMAT, CONFIG_NAME
 
     try:
         return json.loads((artifact / CONFIG_NAME).read_text()).get("format") == ARTIFACT_FORMAT
@@ -839,7 +830,9 @@ def plan_cmd(
     elif model_spec is None:
         raise UserError("give --model (or --calibrate ARTIFACT)")
     else:
-        hw = dataclasses.replace(cm.parse_hardware(hardware), overhead_s=overhead_us * us)
+        from .bench.roofline import this_cpu
+
+        hw = dataclasses.replace(cm.parse_hardware(hardware, this_cpu), overhead_s=overhead_us * us)
     model = cm.load_model(model_spec, dtype)
     measured = report.get("calibration", {}).get("acceptance")
     if alpha_text is None and measured:
@@ -856,7 +849,7 @@ def plan_cmd(
     else:
         out.print(cm.plans_table(model, hw, draft, plans))
         if json_out:
-            _write_json(Path(json_out), results)
+            atomic_write_json(Path(json_out), results)
     if plot_path:
         cm.plot_plans(model, hw, draft, alpha, plans, budgets, gammas, plot_path)
 

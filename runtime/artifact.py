@@ -14,12 +14,10 @@ from tvm.contrib import tvmjs
 
 from ..compile.config import ModelConfig
 from ..compile.targets import TargetError, device_from_string
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..hashing import file_sha256
+from ..manifest import ARTIFACT_FORMAT, CONFIG_NAME
 from .cuda_kernels import serve_fatbin
-
-CONFIG_NAME = "mlc-magicdec-config.json"
-ARTIFACT_FORMAT = 1  # bump whenever the library's functions or the pool layout change
 
 
 class ArtifactError(UserError, ValueError):
@@ -112,7 +110,7 @@ class Artifact:
         except KeyError as e:
             raise ArtifactError(f"weights lack parameter {e.args[0]!r}; compile the model again") from None
         except Exception as e:  # noqa: BLE001 - TVM raises many kinds; report one line
-            raise ArtifactError(f"cannot load {path}: {' '.join(str(e).split())[:200]}") from None
+            raise ArtifactError(f"cannot load {path}: {one_line(e)}") from None
         try:
             tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as e:  # noqa: BLE001

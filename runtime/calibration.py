@@ -13,14 +13,15 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import platform
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ..compile.fetch import home
+from ..fileio import atomic_write_json
 from . import costmodel as cm
+from .runner import ModelRunner
 from .steptiming import step_costs
 
 CALIBRATION_FORMAT = 2  # 2: draft steps at two budgets, through SnapKV-like clustered views
@@ -110,7 +111,6 @@ def measure(
     engine, design: CalibrationDesign, progress: Callable[[str], None] | None = None
 ) -> list[cm.StepSample]:
     """Time plain, draft and verify steps over ``design`` on a pool of their own."""
-    from .engine import ModelRunner
 
     runner = ModelRunner(engine.artifact)
     window = engine.config.context_window
@@ -158,9 +158,7 @@ def save(calibration: Calibration) -> Path:
     """Write to the cache (temporary file, then rename)."""
     path = calibration_path(calibration.key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(calibration.to_dict(), indent=1))
-    tmp.replace(path)
+    atomic_write_json(path, calibration.to_dict(), indent=1)
     return path
 
 

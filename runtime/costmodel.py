@@ -18,7 +18,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
-import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -29,15 +28,14 @@ from rich.table import Table
 
 from ..compile.config import ModelConfig, ModelError
 from ..compile.loaders import read_json
+from ..constants import DTYPE_BYTES, KV_TENSORS
 from ..errors import UserError
+from ..manifest import CONFIG_NAME as ARTIFACT_CONFIG_NAME
 
-ARTIFACT_CONFIG_NAME = "mlc-magicdec-config.json"  # = runtime.artifact.CONFIG_NAME (that module loads TVM)
 HF_CONFIG_NAME = "config.json"
-DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 DEFAULT_DTYPE = "float16"
 GB = 1e9
 TFLOPS = 1e12
-KV_TENSORS = 2  # K and V
 FLOPS_PER_MAC = 2  # a multiply-accumulate is two FLOPs
 ATTENTION_FLOPS_PER_ENTRY = 2 * FLOPS_PER_MAC  # per query head and KV entry: one MAC in QK^T, one in PV
 DEFAULT_GAMMAS = (1, 2, 3, 4, 5, 6)
@@ -147,23 +145,14 @@ _TP_PREFIX = re.compile(r"^(\d+)\s*[x*]\s*(.+)$")
 MEASURED_CPU = "cpu"
 
 
-def this_cpu(threads: int | None = None) -> Hardware:
-    """This machine's CPU, measured now: triad bandwidth (median) and fp32 matmul FLOP/s (``bench/roofline``),
-    and its physical memory. (Only ``plan --hardware cpu`` measures; the engine never calls this.)"""
-    from ..bench import roofline
-    from .threads import available_cpus
-
-    machine = roofline.measure(threads or available_cpus())
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return Hardware(MEASURED_CPU, machine.bandwidth_median, machine.matmul_flops, memory=float(memory))
-
-
-def parse_hardware(spec: str) -> Hardware:
+def parse_hardware(spec: str, measure_cpu: Callable[[], Hardware] | None = None) -> Hardware:
     """``"rtx4090"``, ``"8xA100"``, ``"8xh100"``: a preset (case-insensitive), ``Nx`` = N devices in TP;
-    ``"cpu"``: this machine's CPU, measured on the spot (a few seconds)."""
+    ``"cpu"``: this machine's CPU, measured on the spot by ``measure_cpu`` (``bench.roofline.this_cpu``)."""
     text = spec.strip().lower().replace("_", "-").replace(" ", "")
     if text == MEASURED_CPU:
-        return this_cpu()
+        if measure_cpu is None:
+            raise CostModelError(f"hardware {spec!r} is measured on the spot: use `mlc-magicdec plan`")
+        return measure_cpu()
     devices = 1
     m = _TP_PREFIX.match(text)
     if m:

@@ -10,15 +10,12 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..compile.attention import PAGE_SIZE
+from ..constants import PAGE_SIZE
+from .runner import ModelRunner
 from .views import CompressedView, DraftSettings, pack_views, smooth, snapkv_view
-
-if TYPE_CHECKING:
-    from .engine import ModelRunner
 
 SYNTHETIC_SEQ_BASE = 1 << 30  # sequence ids for synthetic timing sequences (never clash with real ones)
 # SnapKV keeps runs of neighbouring positions (high scores cluster, and the selection smooths them): runs of

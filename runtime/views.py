@@ -18,7 +18,8 @@ import dataclasses
 
 import numpy as np
 
-DRAFT_KINDS = ("streamingllm", "snapkv")
+from ..constants import DRAFT_KINDS
+
 DEFAULT_SINK = 4  # StreamingLLM attention sinks
 DEFAULT_WINDOW = 32  # SnapKV observation window (and its recent window during generation)
 DEFAULT_POOL_KERNEL = 5  # SnapKV score smoothing (moving average width, odd)

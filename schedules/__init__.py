@@ -6,7 +6,8 @@ from types import ModuleType
 
 from tvm.target import Target
 
-from ..compile.targets import GPU_TARGETS, TargetError
+from ..constants import GPU_TARGETS
+from ..errors import TargetError
 from . import gpu_attention
 
 

@@ -24,7 +24,7 @@ import math
 import numpy as np
 from tvm.script import tirx as T
 
-from ..compile.attention import PAGE_SIZE, QUERY_TILE
+from ..constants import PAGE_SIZE, QUERY_TILE
 
 KEY_BLOCK = PAGE_SIZE  # keys per block: one page in the dense view
 MAX_ROW_TILE = 4  # most query rows scored together against each key block loaded

@@ -28,8 +28,8 @@ import numpy as np
 from tvm.script import tirx as T
 from tvm.target import Target
 
-from ..compile.attention import QUERY_TILE
-from ..compile.targets import TargetError
+from ..constants import QUERY_TILE
+from ..errors import TargetError
 
 THREADS = 128  # threads per block (4 warps; at most Metal's and Vulkan's 256)
 KEY_BLOCKS = (32, 16)  # keys staged in shared memory per step, by preference (two pages, one page)

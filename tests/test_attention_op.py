@@ -8,7 +8,7 @@ import tvm
 
 from mlc_magicdec.compile.attention import PAGE_SIZE
 from mlc_magicdec.compile.targets import host_llvm
-from mlc_magicdec.runtime.engine import query_tiles
+from mlc_magicdec.runtime.runner import query_tiles
 from mlc_magicdec.schedules import cpu_attention
 
 HQ, HKV, D, LAYERS = 6, 2, 32, 2

@@ -452,7 +452,7 @@ def test_cpu_hardware_is_measured_here(monkeypatch):
 
     measured = roofline.Machine(bandwidth_best=25e9, bandwidth_median=20e9, matmul_flops=120e9, threads=2)
     monkeypatch.setattr(roofline, "measure", lambda threads: measured)
-    hw = cm.parse_hardware("CPU")
+    hw = cm.parse_hardware("CPU", roofline.this_cpu)
     assert (hw.name, hw.bandwidth, hw.peak_flops, hw.devices) == ("cpu", 20e9, 120e9, 1)
     assert hw.memory > 1e9  # this machine's RAM
     # a step of SmolLM2-sized weights at 20 GB/s, by hand

@@ -366,7 +366,7 @@ def test_weights_mapping_is_lazy_and_read_only(tmp_path, tiny_llama, tiny_tokeni
 def test_gguf_gpt2_tokenizer_matches_original(tmp_path, tiny_llama, tiny_tokenizer, pre, pre_tokenizer):
     from tokenizers import Regex, normalizers
 
-    from mlc_magicdec.compile import loaders
+    from mlc_magicdec.compile.loaders import gguf_tokenizer as loaders
 
     if pre_tokenizer is None:
         original = tiny_tokenizer

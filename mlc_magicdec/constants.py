@@ -1,0 +1,16 @@
+"""What several layers share (compile, schedules, runtime, bench): the KV pool's layout, the draft kinds,
+the GPU target kinds and element sizes. Importing this module does not import TVM.
+
+The KV pool is one tensor for the whole model, ``pool[layers, pages, 2, kv_heads, PAGE_SIZE * head_dim]``
+(index 0 of the third axis holds keys, 1 values), with keys stored with RoPE applied at their absolute
+positions; the runtime owns the page tables.
+"""
+
+from __future__ import annotations
+
+PAGE_SIZE = 16  # token slots per KV page (the stock TVM paged kernels also require 16)
+QUERY_TILE = 16  # most tokens in one query tile of the attention op
+KV_TENSORS = 2  # keys and values
+DRAFT_KINDS = ("streamingllm", "snapkv")  # the compressed views a self-draft attends through
+GPU_TARGETS = ("cuda", "metal", "vulkan")
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
