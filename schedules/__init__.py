@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from types import ModuleType
-
 from tvm.target import Target
 
 from ..constants import GPU_TARGETS
 from ..errors import TargetError
-from . import gpu_attention
+from . import cpu_attention, gpu_attention
+from .cpu_isa import vector_unit
 
 
-def attention_kernels(target: Target) -> ModuleType | gpu_attention.GpuKernels:
+def attention_kernels(target: Target) -> cpu_attention.CpuKernels | gpu_attention.GpuKernels:
     """The ``kv_append``, ``paged_attention`` and ``attention_scores`` kernel generators for ``target``."""
     kind = target.kind.name
     if kind == "llvm":
-        from . import cpu_attention
-
-        return cpu_attention
+        return cpu_attention.CpuKernels(vector_unit(target))
     if kind in GPU_TARGETS:
         return gpu_attention.for_target(target)
     raise TargetError(f"no attention kernels for target {kind!r} in this release; use --target llvm")

@@ -14,7 +14,7 @@ Rules are small dlight ``ScheduleRule``s, tried in order on every fused TIR func
           for ko in K / K_BLOCK:                                      (k block: W rows ko*K_BLOCK..)
             for mo in M_BLOCK / ROWS:                                 (all row tiles reuse the block)
               for nt in n_chunk / cols:                               (register tile, left to right)
-                unrolled K_BLOCK x ROWS x cols FMAs into ROWS x cols/LANES zmm accumulators
+                unrolled K_BLOCK x ROWS x cols FMAs into ROWS x cols/lanes accumulators
         C[:m, nc] = epilogue(C_pad[:m, nc])
 
   ``W`` is read once per ``M_BLOCK`` rows (so once for decode), ``K_BLOCK`` rows at a time, each
@@ -25,15 +25,16 @@ Rules are small dlight ``ScheduleRule``s, tried in order on every fused TIR func
   ``K_BLOCK`` steps (LLVM promotes the unrolled loads/stores of ``C_pad``), costing one load and one
   store per ``K_BLOCK`` FMAs.
 
-  Tile constants: ``LANES`` fp32 lanes per AVX-512 register; ``ROWS`` rows per register tile (and
-  the padding granularity of ``m``: a larger value wastes work at ``m = 1``); ``cols`` =
-  ``LANES x`` one of ``TILE_VECTORS`` output columns per register tile (``ROWS * cols / LANES`` <= 20
-  accumulators of the 32 zmm registers, leaving room for ``W`` vectors and broadcasts of ``A``);
+  Tile constants: ``lanes`` fp32 lanes per vector register, from the target (``cpu_isa``: 16 on
+  AVX-512, 8 on AVX2, 4 on NEON); ``ROWS`` rows per register tile (and the padding granularity of ``m``:
+  a larger value wastes work at ``m = 1``); ``cols`` = ``lanes x`` one of ``TILE_VECTORS`` output columns
+  per register tile, with ``ROWS * cols / lanes`` within the target's accumulator budget (20 of AVX-512's
+  32 registers, 10 of AVX2's 16), leaving room for ``W`` vectors and broadcasts of ``A``);
   ``K_BLOCK`` k-steps per accumulator load/store; ``M_BLOCK`` rows per pass over ``W``;
   ``MAX_CHUNK`` the widest column chunk of one parallel task (its ``K_BLOCK x MAX_CHUNK`` block of
   ``W`` is 16 KB, a third of L1) and ``MIN_CHUNK`` the narrowest preferred one; ``n_chunk`` is picked
   per ``N`` so that the chunks split evenly (``MIN_BALANCE``) over the target's cores. The rule
-  declines (returns ``None``) when ``N`` is not a multiple of ``LANES``, ``K`` or ``N`` is symbolic,
+  declines (returns ``None``) when ``N`` is not a multiple of ``lanes``, ``K`` or ``N`` is symbolic,
   the output is not fp32, or the weight is not ``[k, n]`` with ``n`` innermost, leaving those to
   TVM's default rules.
 - ``Elementwise``: injective functions, parallel over rows and vectorized along the last axis.
@@ -51,9 +52,10 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-LANES = 16  # fp32 lanes in one AVX-512 register
+from .cpu_isa import VectorUnit, vector_unit
+
 ROWS = 4  # output rows per register tile; m is zero-padded to a multiple of it
-TILE_VECTORS = (4, 5, 3, 2, 1)  # zmm vectors per register-tile row (cols = vectors * LANES), by preference
+TILE_VECTORS = (4, 5, 3, 2, 1)  # vectors per register-tile row (cols = vectors * lanes), by preference
 K_BLOCK = 8  # k-steps between accumulator loads/stores; W rows streamed side by side
 MAX_CHUNK = 512  # widest column chunk of one parallel task (K_BLOCK x MAX_CHUNK fp32 = 16 KB)
 MIN_CHUNK = 256  # narrower chunks break W rows into short runs, which streams W worse (decode)
@@ -66,8 +68,8 @@ def _num_cores(target: Target) -> int:
     return int(cores) if cores else (os.cpu_count() or 1)
 
 
-def _column_blocking(n: int, cores: int) -> tuple[int, int] | None:
-    """Pick ``(cols, n_chunk)`` for ``N = n``, or ``None`` if ``n`` is not a multiple of ``LANES``.
+def _column_blocking(n: int, cores: int, unit: VectorUnit) -> tuple[int, int] | None:
+    """Pick ``(cols, n_chunk)`` for ``N = n``, or ``None`` if ``n`` is not a multiple of the lanes.
 
     A chunk is a whole number of register tiles and at most ``MAX_CHUNK`` columns; ``c`` chunks on
     ``cores`` cores are balanced ``c / (ceil(c / cores) * cores)``. Take the first register-tile
@@ -75,8 +77,8 @@ def _column_blocking(n: int, cores: int) -> tuple[int, int] | None:
     widest one), else the widest balanced chunk of any width, else the best-balanced one.
     """
     options = []  # (cols, chunk, balance), in TILE_VECTORS order, widest chunk first
-    for vectors in TILE_VECTORS:
-        cols = vectors * LANES
+    for vectors in (v for v in TILE_VECTORS if ROWS * v <= unit.tile_accumulators):
+        cols = vectors * unit.lanes
         if n % cols:
             continue
         tiles = n // cols
@@ -123,18 +125,19 @@ class Matmul(ScheduleRule):
         _, n_var, k_var = (iv.var for iv in stmt.iter_vars)
         if stmt.writes[0].source.dtype != "float32" or not _weight_is_k_by_n(stmt, k_var, n_var):
             return None
-        blocking = _column_blocking(n_extent, _num_cores(target))
+        unit = vector_unit(target)
+        blocking = _column_blocking(n_extent, _num_cores(target), unit)
         if blocking is None:
             return None
         cols, n_chunk = blocking
         k_block = next(f for f in (K_BLOCK, 4, 2, 1) if k_extent % f == 0)
         try:
-            return self._schedule(sch, infos, m_extent, cols, n_chunk, k_block)
+            return self._schedule(sch, infos, m_extent, cols, n_chunk, k_block, unit.lanes)
         except (s_tir.ScheduleError, tvm.TVMError):
             return None
 
     @staticmethod
-    def _schedule(sch, infos, m_extent, cols, n_chunk, k_block) -> s_tir.Schedule:
+    def _schedule(sch, infos, m_extent, cols, n_chunk, k_block, lanes) -> s_tir.Schedule:
         block = infos[0].block_rv
         # Row padding: A_pad (zero rows) feeds the kernel, C_pad -> C is the write-back.
         if isinstance(m_extent, int) and m_extent % ROWS == 0:
@@ -154,7 +157,7 @@ class Matmul(ScheduleRule):
         ko, ki = sch.split(k, factors=[None, k_block])
         sch.reorder(nc, mb, ko, mo, nt, ki, mi, ni)
         sch.parallel(nc)
-        ni_vec, ni_lane = sch.split(ni, factors=[None, LANES])
+        ni_vec, ni_lane = sch.split(ni, factors=[None, lanes])
         sch.unroll(ki)
         sch.unroll(mi)
         sch.unroll(ni_vec)
@@ -164,7 +167,7 @@ class Matmul(ScheduleRule):
 
         def vectorize_last(blk):
             *_, last = sch.get_loops(blk)
-            _, lane = sch.split(last, factors=[None, LANES])
+            _, lane = sch.split(last, factors=[None, lanes])
             sch.vectorize(lane)
 
         vectorize_last(write_back)
@@ -183,6 +186,7 @@ class Elementwise(ScheduleRule):
         infos = normalize_prim_func(sch)
         if infos is None or not all(info.is_injective() for info in infos):
             return None
+        lanes = vector_unit(target).lanes
         remaining = []
         for info in infos:
             try:
@@ -195,9 +199,9 @@ class Elementwise(ScheduleRule):
                 continue
             *outer, last = loops
             extent = sch.get(last).extent
-            if isinstance(extent, tirx.IntImm) and int(extent) % LANES == 0:
-                last_outer, lanes = sch.split(last, factors=[None, LANES])
-                sch.vectorize(lanes)
+            if isinstance(extent, tirx.IntImm) and int(extent) % lanes == 0:
+                last_outer, lane = sch.split(last, factors=[None, lanes])
+                sch.vectorize(lane)
                 outer.append(last_outer)
             if outer:
                 sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])

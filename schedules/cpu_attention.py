@@ -19,19 +19,20 @@ The semantics of every buffer are documented in ``mlc_magicdec.compile.attention
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 from tvm.script import tirx as T
 
 from ..constants import PAGE_SIZE, QUERY_TILE
+from .cpu_isa import VectorUnit
 
 KEY_BLOCK = PAGE_SIZE  # keys per block: one page in the dense view
 MAX_ROW_TILE = 4  # most query rows scored together against each key block loaded
-SCORE_ACCUMULATORS = 12  # zmm accumulators for a row tile's scores (hides FMA latency, fits 32 registers)
+SCORE_ACCUMULATORS = VectorUnit(lanes=16, registers=32).score_accumulators  # default: AVX-512's (12)
 PREFETCH_PAGES = 2  # the dense view prefetches the K and V pages this many blocks ahead
-LINE_FLOATS = 16  # fp32 values per 64-byte cache line
-PREFETCH_LINES = PAGE_SIZE * 64 // LINE_FLOATS  # lines of a K or V page prefetched (all: head_dim 64)
+CACHE_LINE = 64  # bytes per cache line
 PREFETCH_READ, PREFETCH_LOCALITY, PREFETCH_DATA = 0, 3, 1  # llvm.prefetch: read, keep in all caches, data
 PARALLEL_ITEMS = 24  # the dense view splits keys until a step has about this many items (threads to balance)
 MAX_SPLITS = 16  # most key ranges per item
@@ -61,10 +62,10 @@ def row_tile(group: int) -> int:
     return group if group <= MAX_ROW_TILE else MAX_ROW_TILE
 
 
-def score_chains(rows: int, head_dim: int) -> int:
+def score_chains(rows: int, head_dim: int, accumulators: int = SCORE_ACCUMULATORS) -> int:
     """Independent accumulators per row over ``d`` (a power of two dividing ``head_dim``)."""
     chains = 1
-    while rows * chains * 2 <= SCORE_ACCUMULATORS and head_dim % (chains * 2) == 0:
+    while rows * chains * 2 <= accumulators and head_dim % (chains * 2) == 0:
         chains *= 2
     return chains
 
@@ -99,14 +100,23 @@ def kv_append(num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
 
 
 def paged_attention(
-    num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str, sparse: bool
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    dtype: str,
+    sparse: bool,
+    score_accumulators: int = SCORE_ACCUMULATORS,
 ):
-    """Tiled attention over the pool. Dense: keys ``0 .. pos``; sparse: the static list, then the window."""
+    """Tiled attention over the pool. Dense: keys ``0 .. pos``; sparse: the static list, then the window.
+    ``score_accumulators``: the target's vector registers for a row tile's scores (``cpu_isa``)."""
     Hq, Hkv, D, P = num_heads, num_kv_heads, head_dim, page_size
     G = Hq // Hkv
     KB = KEY_BLOCK
     RT = row_tile(G)
-    CH = score_chains(RT, D)
+    CH = score_chains(RT, D, score_accumulators)
+    line_values = CACHE_LINE // np.dtype(dtype).itemsize
+    prefetch_lines = -(-P * D // line_values)  # cache lines of one page of K (or V) of one KV head
     ROWS_MAX = QUERY_TILE * G + RT  # rows of a query tile, plus the padding of its last row tile
     if P != KB:
         raise ValueError(f"the CPU attention kernel needs page_size == {KB}")
@@ -213,7 +223,7 @@ def paged_attention(
                     if not sparse:
                         # Software prefetch of a later page: hardware prefetchers stop at 4 KB pages.
                         if blk + PREFETCH_PAGES < n_blocks:
-                            for line in T.serial(PREFETCH_LINES):
+                            for line in T.serial(prefetch_lines):
                                 for kv in T.unroll(2):
                                     T.evaluate(
                                         T.call_llvm_intrin(
@@ -225,7 +235,7 @@ def paged_attention(
                                                     page_table[b, blk + PREFETCH_PAGES],
                                                     kv,
                                                     kh,
-                                                    line * LINE_FLOATS,
+                                                    line * line_values,
                                                 ]
                                             ),
                                             T.int32(PREFETCH_READ),
@@ -492,3 +502,22 @@ def attention_scores(num_heads: int, num_kv_heads: int, head_dim: int, page_size
                                                 )
 
     return attention_scores_cpu
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuKernels:
+    """The kernel generators of this module, sized for one CPU's vector unit (``cpu_isa``)."""
+
+    unit: VectorUnit
+
+    def kv_append(self, num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
+        return kv_append(num_kv_heads, head_dim, page_size, dtype)
+
+    def paged_attention(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str, sparse: bool
+    ):
+        accumulators = self.unit.score_accumulators
+        return paged_attention(num_heads, num_kv_heads, head_dim, page_size, dtype, sparse, accumulators)
+
+    def attention_scores(self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
+        return attention_scores(num_heads, num_kv_heads, head_dim, page_size, dtype)

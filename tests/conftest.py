@@ -38,17 +38,19 @@ def smollm2_gguf() -> Path:
 
 
 TARGET_ENV = "MLC_MAGICDEC_TEST_TARGET"  # e.g. "cuda": the SmolLM2 tests (lossless, ...) run on that device
+CPU_ENV = "MLC_MAGICDEC_TEST_CPU"  # e.g. "haswell": the SmolLM2 artifact is built for that CPU (AVX2 only)
 
 
 @pytest.fixture(scope="session")
 def smollm2_artifact(smollm2_gguf, tmp_path_factory) -> Path:
-    """SmolLM2 compiled once per session for this CPU, or for ``$MLC_MAGICDEC_TEST_TARGET`` (e.g. ``cuda``
-    with its default float16; the GPU check script sets it), so that the same tests run on that device."""
+    """SmolLM2 compiled once per session for this CPU (or the CPU ``$MLC_MAGICDEC_TEST_CPU`` names), or for
+    ``$MLC_MAGICDEC_TEST_TARGET`` (e.g. ``cuda`` with its default float16; the GPU check script sets it), so
+    that the same tests run on that device."""
     from mlc_magicdec.compile.build import compile_model
 
     target = os.environ.get(TARGET_ENV, "llvm")
     return compile_model(smollm2_gguf, tmp_path_factory.mktemp("smollm2-artifact") / "smollm2",
-                         target=target, quiet=True)
+                         target=target, cpu=os.environ.get(CPU_ENV), quiet=True)
 
 
 # ------------------------------------------------------------------------------------------------------
