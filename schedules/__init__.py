@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from types import ModuleType
+
 from tvm.target import Target
 
 from ..constants import GPU_TARGETS
@@ -10,13 +13,36 @@ from . import cpu_attention, gpu_attention
 from .cpu_isa import vector_unit
 
 
-def attention_kernels(target: Target) -> cpu_attention.CpuKernels | gpu_attention.GpuKernels:
-    """The ``kv_append``, ``paged_attention`` and ``attention_scores`` kernel generators for ``target``."""
+@dataclasses.dataclass(frozen=True)
+class AttentionKernels:
+    """The ``kv_append``, ``paged_attention`` and ``attention_scores`` generators of one kernel module
+    (``cpu_attention`` or ``gpu_attention``), with the attention kernel sized for one target."""
+
+    module: ModuleType
+    sizing: tuple[tuple[str, int], ...] = ()  # paged_attention's target-specific keyword arguments
+
+    def kv_append(self, num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
+        return self.module.kv_append(num_kv_heads, head_dim, page_size, dtype)
+
+    def paged_attention(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str, sparse: bool
+    ):
+        shape = (num_heads, num_kv_heads, head_dim, page_size, dtype, sparse)
+        return self.module.paged_attention(*shape, **dict(self.sizing))
+
+    def attention_scores(self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
+        return self.module.attention_scores(num_heads, num_kv_heads, head_dim, page_size, dtype)
+
+
+def attention_kernels(target: Target) -> AttentionKernels:
+    """The KV-pool kernel generators for ``target``: on CPUs sized for its vector unit, on GPUs for its
+    shared memory per block."""
     kind = target.kind.name
     if kind == "llvm":
-        return cpu_attention.CpuKernels(vector_unit(target))
+        accumulators = vector_unit(target).score_accumulators
+        return AttentionKernels(cpu_attention, (("score_accumulators", accumulators),))
     if kind in GPU_TARGETS:
-        return gpu_attention.for_target(target)
+        return AttentionKernels(gpu_attention, (("shared_limit", gpu_attention.shared_limit(target)),))
     raise TargetError(f"no attention kernels for target {kind!r} in this release; use --target llvm")
 
 

@@ -19,7 +19,6 @@ The semantics of every buffer are documented in ``mlc_magicdec.compile.attention
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
@@ -503,21 +502,3 @@ def attention_scores(num_heads: int, num_kv_heads: int, head_dim: int, page_size
 
     return attention_scores_cpu
 
-
-@dataclasses.dataclass(frozen=True)
-class CpuKernels:
-    """The kernel generators of this module, sized for one CPU's vector unit (``cpu_isa``)."""
-
-    unit: VectorUnit
-
-    def kv_append(self, num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
-        return kv_append(num_kv_heads, head_dim, page_size, dtype)
-
-    def paged_attention(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str, sparse: bool
-    ):
-        accumulators = self.unit.score_accumulators
-        return paged_attention(num_heads, num_kv_heads, head_dim, page_size, dtype, sparse, accumulators)
-
-    def attention_scores(self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
-        return attention_scores(num_heads, num_kv_heads, head_dim, page_size, dtype)

@@ -21,7 +21,6 @@ Vulkan: 32 KB).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
@@ -63,28 +62,10 @@ def block_shape(group: int, head_dim: int, dtype: str, shared_limit: int) -> tup
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class GpuKernels:
-    """The kernel generators of ``cpu_attention``'s interface, sized for one target's shared memory."""
-
-    shared_limit: int
-
-    def kv_append(self, num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
-        return kv_append(num_kv_heads, head_dim, page_size, dtype)
-
-    def paged_attention(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str, sparse: bool
-    ):
-        return paged_attention(num_heads, num_kv_heads, head_dim, page_size, dtype, sparse, self.shared_limit)
-
-    def attention_scores(self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
-        return attention_scores(num_heads, num_kv_heads, head_dim, page_size, dtype)
-
-
-def for_target(target: Target) -> GpuKernels:
-    """The kernels for ``target``, within its shared memory per block (CUDA: the 48 KB of static shared)."""
+def shared_limit(target: Target) -> int:
+    """Shared memory per block for ``target``'s kernels (CUDA: the 48 KB of static shared)."""
     limit = target.attrs.get("max_shared_memory_per_block")
-    return GpuKernels(int(limit) if limit else CUDA_STATIC_SHARED)
+    return int(limit) if limit else CUDA_STATIC_SHARED
 
 
 def _item(it, tx):

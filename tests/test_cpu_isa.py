@@ -29,5 +29,5 @@ def test_avx2_register_tiles_fit_sixteen_registers():
         cols, _ = cpu._column_blocking(576, 2, unit)
         assert cols % unit.lanes == 0
         assert cpu.ROWS * cols // unit.lanes <= unit.tile_accumulators < unit.registers
-    assert attention_kernels(host_llvm("haswell")).unit == haswell
+    assert dict(attention_kernels(host_llvm("haswell")).sizing) == {"score_accumulators": 6}
     assert vector_unit(None) == BASELINE
