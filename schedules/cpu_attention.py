@@ -26,6 +26,7 @@ from tvm.script import tirx as T
 
 from ..constants import PAGE_SIZE, QUERY_TILE
 from .cpu_isa import VectorUnit
+from .softmax import LOG2E, NEG_INF
 
 KEY_BLOCK = PAGE_SIZE  # keys per block: one page in the dense view
 MAX_ROW_TILE = 4  # most query rows scored together against each key block loaded
@@ -36,8 +37,6 @@ PREFETCH_READ, PREFETCH_LOCALITY, PREFETCH_DATA = 0, 3, 1  # llvm.prefetch: read
 PARALLEL_ITEMS = 24  # the dense view splits keys until a step has about this many items (threads to balance)
 MAX_SPLITS = 16  # most key ranges per item
 MIN_SPLIT_BLOCKS = 16  # fewest key blocks in a range (256 keys)
-LOG2E = math.log2(math.e)
-NEG_INF = -3.0e38
 EXP2_MIN = -126.0  # below this 2**x underflows float32; inputs are clamped here
 EXP2_DEGREE = 6  # polynomial degree for 2**f on [0, 1): max relative error ~1e-8
 _f = np.linspace(0.0, 1.0, 2001)

@@ -29,13 +29,12 @@ from tvm.target import Target
 
 from ..constants import QUERY_TILE
 from ..errors import TargetError
+from .softmax import LOG2E, NEG_INF
 
 THREADS = 128  # threads per block (4 warps; at most Metal's and Vulkan's 256)
 KEY_BLOCKS = (32, 16)  # keys staged in shared memory per step, by preference (two pages, one page)
 CUDA_STATIC_SHARED = 48 * 1024  # bytes of static shared memory per block on every CUDA GPU
 ROW_STATS = 4  # per-row shared values: max, sum, rescale factor, position
-LOG2E = math.log2(math.e)
-NEG_INF = -3.0e38
 MASKED = -1.0e38  # scores below this are masked keys: their probability is exactly 0
 INT_MAX = 2147483647
 
