@@ -190,7 +190,7 @@ def compare(
     """Every system in every (batch, context) cell; returns the rows and notes (e.g. a skipped peer)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's idle threads must not spin against ours
     threads = engine.threads
-    source = Path(engine.artifact.config["source"])
+    source = Path(engine.artifact.config.source)
     notes = []
     have_llama = llamacpp.available() and source.suffix == ".gguf"
     if not llamacpp.available():

@@ -13,10 +13,10 @@ from ..runtime.engine import Engine
 def header(engine: Engine, command: str) -> str:
     """One line naming the command, model, target, dtype and threads of a benchmark run."""
     cfg = engine.artifact.config
-    model = Path(cfg.get("source", "?")).name
+    model = Path(cfg.source).name
     return (
-        f"command: {command} | model: {model} ({cfg['model']['family']}, {cfg['dtype']}) | "
-        f"target: {cfg['target']['kind']} on {platform.processor() or platform.machine()} | "
+        f"command: {command} | model: {model} ({cfg.model['family']}, {cfg.dtype}) | "
+        f"target: {cfg.target['kind']} on {platform.processor() or platform.machine()} | "
         f"threads: {engine.threads}"
     )
 

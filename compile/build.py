@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import os
 import shutil
 import tempfile
@@ -26,7 +25,7 @@ from .. import __version__
 from ..constants import DRAFT_KINDS
 from ..errors import UserError
 from ..hashing import file_sha256
-from ..manifest import ARTIFACT_FORMAT, CONFIG_NAME
+from ..manifest import Manifest
 from ..schedules import relax_pipeline
 from . import cuda
 from .config import ModelConfig
@@ -177,26 +176,23 @@ def compile_model(
             with step(f"building library for {preset.kind}"):
                 library = build_library(mod, preset, tmp)
             (tmp / TOKENIZER_NAME).write_text(loaded.tokenizer_json)
-            config = {
-                "format": ARTIFACT_FORMAT,
-                "version": __version__,
-                "model": cfg.to_dict(),
-                "source": str(model_path),
-                "dtype": dtype,
-                "target": preset.describe(),
-                "library": library["library"],
-                "param_names": names,
-                "drafts": list(drafts),
-                "draft_budget": budget,
-                "hashes": {
+            Manifest(
+                model=cfg.to_dict(),
+                source=str(model_path),
+                dtype=dtype,
+                target=preset.describe(),
+                param_names=names,
+                hashes={
                     "library": file_sha256(tmp / library["library"]),
                     "weights": file_sha256(tmp / "tensor-cache.json"),
                     **({"fatbin": file_sha256(tmp / library["fatbin"])} if "fatbin" in library else {}),
                 },
-                **{key: value for key, value in library.items() if key != "library"},
-                "compile_seconds": timings,
-            }
-            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+                version=__version__,
+                drafts=list(drafts),
+                draft_budget=budget,
+                compile_seconds=timings,
+                **library,
+            ).save(tmp)
         if output.exists():
             shutil.rmtree(output)
         os.replace(tmp, output)

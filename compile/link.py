@@ -13,7 +13,6 @@ which the runtime checks.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tarfile
@@ -21,9 +20,8 @@ import tempfile
 from pathlib import Path
 
 from ..errors import UserError, one_line
-from ..fileio import atomic_write_json
 from ..hashing import file_sha256
-from ..manifest import CONFIG_NAME
+from ..manifest import Manifest, ManifestError
 
 DYLIB_NAME = "model.dylib"
 
@@ -35,13 +33,13 @@ class LinkError(UserError, RuntimeError):
 def link_metal(artifact: str | os.PathLike) -> Path:
     """Link ``artifact``'s Metal objects into ``model.dylib``, record it in the config; return its path."""
     path = Path(artifact)
-    cfg_path = path / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise LinkError(f"{path} is not an mlc-magicdec artifact (no {CONFIG_NAME})")
-    config = json.loads(cfg_path.read_text())
-    if config.get("target", {}).get("kind") != "metal":
+    try:
+        config = Manifest.load(path)
+    except ManifestError as e:
+        raise LinkError(str(e)) from None
+    if config.target.get("kind") != "metal":
         raise LinkError(f"{path} is not a Metal artifact; only --target metal artifacts need linking")
-    if config["library"] == DYLIB_NAME and (path / DYLIB_NAME).is_file():
+    if config.library == DYLIB_NAME and (path / DYLIB_NAME).is_file():
         return path / DYLIB_NAME
     if sys.platform != "darwin":
         raise LinkError(
@@ -50,7 +48,7 @@ def link_metal(artifact: str | os.PathLike) -> Path:
         )
     from tvm.support import cc
 
-    tar = path / config["library"]
+    tar = path / config.library
     dylib = path / DYLIB_NAME
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(tar) as archive:
@@ -62,7 +60,7 @@ def link_metal(artifact: str | os.PathLike) -> Path:
         except RuntimeError as e:
             raise LinkError(f"clang could not link {tar.name}: {one_line(e)}") from None
         os.replace(partial, dylib)
-    config["library"] = DYLIB_NAME
-    config["hashes"]["library"] = file_sha256(dylib)
-    atomic_write_json(cfg_path, config)
+    config.library = DYLIB_NAME
+    config.hashes["library"] = file_sha256(dylib)
+    config.save(path)
     return dylib

@@ -594,7 +594,7 @@ def _bench_roofline(artifact, batches, contexts, threads, json_path) -> None:
     threads = configure_threads(threads)
     art = Artifact.load(artifact)
     out.print(
-        f"command: {_command_line()} | model: {art.config.get('source', '?')} ({art.dtype}) | "
+        f"command: {_command_line()} | model: {art.config.source} ({art.dtype}) | "
         f"threads: {threads}",
         highlight=False,
     )
@@ -659,12 +659,13 @@ def _bench_auto(
 
 def _is_current(artifact: Path) -> bool:
     """Whether ``artifact`` exists and this version can load it."""
-    from .manifest import ARTIFACT_FORMAT, CONFIG_NAME
+    from .manifest import Manifest, ManifestError
 
     try:
-        return json.loads((artifact / CONFIG_NAME).read_text()).get("format") == ARTIFACT_FORMAT
-    except (OSError, ValueError):
+        Manifest.load(artifact)
+    except ManifestError:
         return False
+    return True
 
 
 @main.command("demo")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
 import tvm
 from tokenizers import Tokenizer
@@ -16,7 +15,7 @@ from ..compile.config import ModelConfig
 from ..compile.targets import TargetError, device_from_string
 from ..errors import UserError, one_line
 from ..hashing import file_sha256
-from ..manifest import ARTIFACT_FORMAT, CONFIG_NAME
+from ..manifest import CONFIG_NAME, Manifest, ManifestError
 from .cuda_kernels import serve_fatbin
 
 
@@ -41,7 +40,7 @@ class Artifact:
     """A loaded artifact: config, VM functions, parameters on the device and the tokenizer."""
 
     path: Path
-    config: dict[str, Any]
+    config: Manifest
     model: ModelConfig
     device: tvm.runtime.Device
     vm: relax.VirtualMachine
@@ -50,38 +49,24 @@ class Artifact:
 
     @property
     def dtype(self) -> str:
-        return self.config["dtype"]
+        return self.config.dtype
 
     @classmethod
     def load(cls, path: str | Path) -> Artifact:
         """Load and validate the artifact folder ``path``; raises ArtifactError with a one-line message."""
         path = Path(path)
         cfg_path = path / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise ArtifactError(
-                f"{path} is not an mlc-magicdec artifact (no {CONFIG_NAME}); "
-                f"create one with `mlc-magicdec compile`"
-            )
         try:
-            config = json.loads(cfg_path.read_text())
-            fmt = config.get("format")
-        except (ValueError, AttributeError) as e:
-            raise ArtifactError(f"{cfg_path} is corrupt ({e}); compile the model again") from None
-        if fmt != ARTIFACT_FORMAT:
-            raise ArtifactError(
-                f"{path} was compiled by another version of mlc-magicdec (artifact format "
-                f"{fmt}, this version reads {ARTIFACT_FORMAT}); compile it again"
-            )
+            config = Manifest.load(path)
+        except ManifestError as e:
+            raise ArtifactError(str(e)) from None
         try:
-            model = ModelConfig.from_dict(config["model"])
-            library = path / config["library"]
-            hashes = config["hashes"]
+            model = ModelConfig.from_dict(config.model)
         except (ValueError, KeyError, TypeError) as e:
             raise ArtifactError(f"{cfg_path} is corrupt ({e}); compile the model again") from None
+        library, hashes = path / config.library, config.hashes
         try:
-            device = device_from_string(config["target"]["device"])
-        except (KeyError, TypeError) as e:
-            raise ArtifactError(f"{cfg_path} is corrupt ({e}); compile the model again") from None
+            device = device_from_string(config.device)
         except TargetError as e:
             raise ArtifactError(str(e)) from None
         if library.suffix == ".tar":
@@ -90,8 +75,8 @@ class Artifact:
                 f"mlc-magicdec link {path}"
             )
         files = [("library", library), ("weights", path / "tensor-cache.json")]
-        if "fatbin" in config:
-            files.append(("fatbin", path / config["fatbin"]))
+        if config.fatbin:
+            files.append(("fatbin", path / config.fatbin))
         for name, file in files:
             if not file.is_file():
                 raise ArtifactError(f"{file} is missing; compile the model again")
@@ -101,12 +86,12 @@ class Artifact:
                     f"(library and weights come from different compiles); compile again"
                 )
         _check_shards(path)
-        if "fatbin" in config:
-            serve_fatbin(config["cuda_source_sha256"], (path / config["fatbin"]).read_bytes())
+        if config.fatbin:
+            serve_fatbin(config.cuda_source_sha256, (path / config.fatbin).read_bytes())
         try:
             vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), device)
             cache, _ = tvmjs.load_tensor_cache(str(path), device)
-            params = [cache[name] for name in config["param_names"]]
+            params = [cache[name] for name in config.param_names]
         except KeyError as e:
             raise ArtifactError(f"weights lack parameter {e.args[0]!r}; compile the model again") from None
         except Exception as e:  # noqa: BLE001 - TVM raises many kinds; report one line

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..compile.fetch import home
 from ..fileio import atomic_write_json
+from ..manifest import Manifest
 from . import costmodel as cm
 from .runner import ModelRunner
 from .steptiming import step_costs
@@ -86,11 +87,11 @@ def _finite(value: Any) -> Any:
     return INFINITE if isinstance(value, float) and math.isinf(value) else value
 
 
-def calibration_key(artifact_config: Mapping[str, Any], threads: int) -> str:
+def calibration_key(artifact_config: Manifest, threads: int) -> str:
     """Artifact library, device, CPU and thread count: what the fitted rates depend on."""
     parts = [
-        artifact_config["hashes"]["library"],
-        artifact_config["target"]["device"],
+        artifact_config.hashes["library"],
+        artifact_config.device,
         platform.machine(),
         platform.processor() or "",
         str(threads),
@@ -147,7 +148,7 @@ def calibrate(
     key = calibration_key(engine.artifact.config, engine.threads)
     samples = measure(engine, design, progress)
     hw = cm.fit_hardware(
-        model_spec(engine), samples, f"calibrated {engine.artifact.config['target']['device']}"
+        model_spec(engine), samples, f"calibrated {engine.artifact.config.device}"
     )
     calibration = Calibration(key, hw, tuple(samples), acceptance)
     save(calibration)

@@ -356,7 +356,7 @@ class Engine:
 
     def _default_budget(self) -> int:
         """The artifact's draft budget, else DEFAULT_BUDGET, but never more than half the context window."""
-        return self.artifact.config.get("draft_budget") or min(
+        return self.artifact.config.draft_budget or min(
             DraftSettings().budget, self.config.context_window // 2
         )
 
