@@ -814,6 +814,7 @@ def plan_cmd(
     """Predict T_T, T_D, T_V, speedup, the best gamma and budget, and the critical length (roofline)."""
     import dataclasses
 
+    from .bench import plan_report
     from .runtime import costmodel as cm
 
     for path in (json_out, plot_path):
@@ -844,15 +845,15 @@ def plan_cmd(
     if not batches or not contexts or not gammas or budgets == []:
         raise UserError("--batch, --context, --gamma and --budget need at least one value each")
     plans = [cm.best_plan(model, hw, b, c, alpha, budgets, gammas, draft) for b in batches for c in contexts]
-    results = {**report, **cm.plans_to_dict(model, hw, draft, alpha, plans)}
+    results = {**report, **plan_report.plans_to_dict(model, hw, draft, alpha, plans)}
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
-        out.print(cm.plans_table(model, hw, draft, plans))
+        out.print(plan_report.plans_table(model, hw, draft, plans))
         if json_out:
             atomic_write_json(Path(json_out), results)
     if plot_path:
-        cm.plot_plans(model, hw, draft, alpha, plans, budgets, gammas, plot_path)
+        plan_report.plot_plans(model, hw, draft, alpha, plans, budgets, gammas, plot_path)
 
 
 def _calibrate(
