@@ -6,16 +6,52 @@ the tables ``plan --calibrate`` prints.
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
+from ..errors import UserError
 from ..runtime import costmodel as cm
-from ..runtime.calibration import Calibration
+from ..runtime.calibration import Calibration, CalibrationDesign, calibrate, model_spec, save
 
 MS = 1e3
+# what each cell of a bench grid must hold for the prediction error (``bench grid --json`` writes them)
+GRID_CELL_KEYS = (
+    "batch",
+    "context",
+    "T_AR",
+    "T_D",
+    "T_V",
+    "draft",
+    "budget",
+    "gamma",
+    "accepted_length",
+    "speedup",
+)
+
+
+def load_grid(path: Path) -> dict[str, Any]:
+    """A MagicDec bench grid written by ``bench grid --json``; a one-line error if ``path`` is not one."""
+    try:
+        grid = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not a bench grid from 'mlc-magicdec bench grid --json' ({e})") from None
+    cells = grid.get("cells") if isinstance(grid, dict) else None
+    problem = None
+    if not isinstance(cells, list) or not cells:
+        problem = "it has no cells"
+    elif not isinstance(grid.get("acceptance"), dict):
+        problem = "it has no acceptance runs"
+    else:
+        missing = {k for c in cells for k in GRID_CELL_KEYS if not isinstance(c, dict) or k not in c}
+        problem = f"its cells lack {', '.join(sorted(missing))}" if missing else None
+    if problem:
+        raise UserError(f"{path} is not a bench grid from 'mlc-magicdec bench grid --json': {problem}")
+    return grid
 
 
 def alpha_from_length(gamma: int, accepted_length: float) -> float:
@@ -159,3 +195,53 @@ def errors_table(predictions: Sequence[Prediction], title: str) -> Table:
             f"{p.error:+.1%}",
         )
     return table
+
+
+@dataclasses.dataclass
+class CalibrationCheck:
+    """A calibration and its errors: on its own steps, and (with a grid) on the grid's cells and held out."""
+
+    calibration: Calibration
+    fitted: list[Prediction]
+    predictions: list[Prediction] | None = None
+    held_out: list[Prediction] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"calibration": self.calibration.to_dict(), "fit_error": error_summary(self.fitted)}
+        if self.predictions is not None:
+            out["prediction_error"] = error_summary(self.predictions)
+            out["predictions"] = [dataclasses.asdict(p) | {"error": p.error} for p in self.predictions]
+            out["held_out_error"] = error_summary(self.held_out)
+        return out
+
+
+def check_calibration(
+    engine,
+    design: CalibrationDesign,
+    grid: Mapping[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> CalibrationCheck:
+    """Time ``design`` on ``engine``, fit and cache the rates, and measure their error.
+
+    With a bench ``grid`` the cached calibration also takes the grid's acceptance curve (of its first cell's
+    draft), and the check reports the error on the grid's cells and a fit held out on its corner cells.
+    """
+    fit = calibrate(engine, design, progress=progress)
+    model = model_spec(engine)
+    fitted = [
+        Prediction(
+            s.phase,
+            s.batch,
+            s.kv_len,
+            f"{s.tokens} token(s)",
+            s.seconds,
+            cm.predict_sample(model, fit.hardware, s),
+        )
+        for s in fit.samples
+    ]
+    if grid is None:
+        return CalibrationCheck(fit, fitted)
+    fit = dataclasses.replace(fit, acceptance=grid_acceptance(grid, grid["cells"][0]["draft"]))
+    save(fit)
+    _, held_out = held_out_errors(model, grid)
+    return CalibrationCheck(fit, fitted, prediction_errors(model, fit.hardware, grid), held_out)

@@ -29,8 +29,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..constants import DTYPE_BYTES
+from ..errors import UserError
 from ..runtime.engine import Engine
-from . import gguf_convert, llamacpp
+from . import gguf_convert, llamacpp, roofline
 
 OURS_PLAIN = "ours, plain"
 TRANSFORMERS = "transformers (torch fp32)"
@@ -57,6 +59,12 @@ class PeerSettings:
     flash_attn: tuple[bool, ...] = (False, True)
     slow_repeats: int | None = None  # repeats for transformers and llama.cpp with flash attention on (the
     # slowest peers on CPU); None: ``repeats``
+
+    def __post_init__(self) -> None:
+        if self.new_tokens < 2:
+            raise UserError("--new-tokens must be at least 2 for a decode timing")
+        if min(self.repeats, self.slow_repeats or 1) < 1:
+            raise UserError("--repeats and --peer-repeats must be at least 1")
 
     def repeats_for(self, system: str) -> int:
         slow = system == TRANSFORMERS or "flash attn on" in system
@@ -217,6 +225,29 @@ def compare(
                 measured.append(_llama_lookup(ggufs[dtype], kv, prompts[0], settings, threads, fa))
         rows += [m.row(batch, context) for m in measured]
     return rows, notes
+
+
+def bandwidth_fractions(
+    engine: Engine, rows: list[dict], new_tokens: int, bandwidth: float
+) -> dict[tuple[int, int], float]:
+    """``{(batch, context): fraction}``: the bytes/s our plain decode read in each cell over ``bandwidth``.
+
+    A cell of context C prefills C - new_tokens prompt tokens and decodes new_tokens more, so the KV a step
+    reads grows from C - new_tokens to C: a step reads the KV of C - new_tokens / 2 tokens on average.
+    """
+    dtype_bytes = DTYPE_BYTES[engine.artifact.dtype]
+    return {
+        (r["batch"], r["context"]): roofline.bandwidth_fraction(
+            engine.config,
+            r["batch"],
+            r["context"] - new_tokens // 2,
+            dtype_bytes,
+            r["batch"] / r["decode_tok_s"],
+            bandwidth,
+        )
+        for r in rows
+        if r["system"] == OURS_PLAIN
+    }
 
 
 def add_ratios(rows: list[dict]) -> None:

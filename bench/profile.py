@@ -18,8 +18,8 @@ import numpy as np
 import tvm
 
 from ..runtime.engine import Engine
-from ..runtime.steptiming import SYNTHETIC_SEQ_BASE, synthetic_view
-from ..runtime.views import DraftSettings, pack_views
+from ..runtime.steptiming import synthetic_draft_args
+from ..runtime.views import DraftSettings
 
 NO_OP = 0  # VMInstrumentReturnKind: run the call as usual
 STEPS = ("decode", "verify", "draft")
@@ -58,27 +58,17 @@ def profile_step(engine: Engine, step: str, batch: int, context: int, gamma: int
         raise ValueError(f"unknown step {step!r}; choose from {', '.join(STEPS)}")
     runner, model = engine.target, engine.config
     rows_per_seq = gamma + 1 if step == "verify" else 1
-    ids = [SYNTHETIC_SEQ_BASE + i for i in range(batch)]
-    pages = runner.ensure_pool(batch * -(-(context + gamma + 1) // 16))
-    runner.pool_tensor.copyfrom(np.zeros(runner.pool_tensor.shape, dtype=engine.artifact.dtype))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model.vocab_size, size=batch * rows_per_seq)
     seq_rows = np.repeat(np.arange(batch), rows_per_seq)
     positions = (context + np.tile(np.arange(rows_per_seq), batch)).astype(np.int64)
     extra = ()
     if step == "draft":
-        settings = DraftSettings("snapkv", budget)
-        views = [synthetic_view(settings, context, model.num_layers, model.num_kv_heads, rng) for _ in ids]
-        static_pos, static_len = pack_views(views)
-        extra = (static_pos, static_len, np.array([v.window_start(context) for v in views], np.int32))
-    for s in ids:
-        pages.add(s)
-        pages.reserve(s, context + gamma + 1)
-        pages.set_length(s, context)
+        extra = synthetic_draft_args(runner, DraftSettings("snapkv", budget), context, batch, rng)
     vm = engine.artifact.vm
     per_repeat: list[_Recorder] = []
     walls = []
-    try:
+    with runner.synthetic_batch(batch, context, slack=gamma + 1) as ids:
         runner.forward(step, tokens, seq_rows, positions, ids, *extra)  # warm-up
         for _ in range(repeats):
             rec = _Recorder()
@@ -88,9 +78,6 @@ def profile_step(engine: Engine, step: str, batch: int, context: int, gamma: int
             walls.append(time.perf_counter() - t0)
             vm.set_instrument(tvm.runtime.convert(lambda *_a: NO_OP))
             per_repeat.append(rec)
-    finally:
-        for s in ids:
-            pages.remove(s)
     names = set().union(*(r.totals for r in per_repeat))
     kernels = [
         KernelTime(
@@ -107,3 +94,8 @@ def profile_step(engine: Engine, step: str, batch: int, context: int, gamma: int
 def is_kernel(name: str) -> bool:
     """Whether a VM call is a compiled kernel (not the VM's own builtins or the top-level function)."""
     return not name.startswith("vm.builtin.") and name not in ("embed", *STEPS)
+
+
+def step_label(step: str, gamma: int, budget: int) -> str:
+    """A profiled step's name in a table title: the gamma a verification checks, the budget a draft reads."""
+    return {"decode": "decode", "verify": f"verify (gamma {gamma})", "draft": f"draft ({budget})"}[step]

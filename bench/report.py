@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.table import Table
 
-from ..runtime.engine import Engine
+from ..runtime.engine import Engine, GenerationResult
 
 
 def header(engine: Engine, command: str) -> str:
@@ -156,4 +157,85 @@ def profile_table(title: str, kernels, step_seconds: float, top: int) -> Table:
         table.add_column(col, justify="right")
     for k in kernels[:top]:
         table.add_row(k.name, str(k.calls), f"{k.seconds * 1e3:.2f}", f"{k.seconds / step_seconds:.1%}")
+    return table
+
+
+def decode_rate(results: Sequence[GenerationResult]) -> float | None:
+    """Decode tokens/s of one ``generate`` call: new tokens after the first of each sequence (which comes
+    from prefill's logits) over the decode time; None when nothing was decoded."""
+    s = results[0].stats
+    decoded = sum(len(r.token_ids) for r in results) - len(results)
+    return decoded / s.decode_seconds if s.decode_seconds else None
+
+
+def generation_table(results: Sequence[GenerationResult]) -> Table:
+    """One row of a ``generate`` call: prefill and decode rates, and what speculation did."""
+    s = results[0].stats
+    prompt = sum(r.prompt_tokens for r in results)
+    rate = decode_rate(results)
+    row = {
+        "batch": str(len(results)),
+        "prompt tokens": str(prompt),
+        "prefill tok/s": f"{prompt / s.prefill_seconds:.1f}" if s.prefill_seconds else "-",
+        "new tokens": str(sum(len(r.token_ids) for r in results)),
+        "decode tok/s": f"{rate:.1f}" if rate else "-",
+    }
+    if s.auto_choices:
+        gammas = sorted({g for _, g, _ in s.auto_choices if g})
+        row["auto: plain steps"] = str(sum(g == 0 for _, g, _ in s.auto_choices))
+        row["spec rounds"] = str(sum(g > 0 for _, g, _ in s.auto_choices))
+        row["gammas"] = ",".join(map(str, gammas)) or "-"
+    if s.verify_steps:
+        row |= _speculation_cells(results)
+    return _one_row_table("generation", row)
+
+
+def _speculation_cells(results: Sequence[GenerationResult]) -> dict[str, str]:
+    s = results[0].stats
+    lengths = [n for r in results for n in r.accepted_lengths]
+    return {
+        "T_D ms": f"{s.draft_seconds / s.draft_steps * 1e3:.1f}" if s.draft_steps else "-",
+        "T_V ms": f"{s.verify_seconds / s.verify_steps * 1e3:.1f}",
+        "acceptance": f"{s.acceptance_rate:.3f}",
+        "mean accepted": f"{sum(lengths) / len(lengths):.2f}" if lengths else "-",
+    }
+
+
+def _one_row_table(title: str, row: dict[str, str]) -> Table:
+    table = Table(title=title)
+    for column in row:
+        table.add_column(column, justify="right")
+    table.add_row(*row.values())
+    return table
+
+
+def comparison_table(
+    title: str, plain: Sequence[GenerationResult], speculative: Sequence[GenerationResult], setting: str
+) -> Table:
+    """Plain and speculative decoding of the same prefilled prompts, side by side, with the speedup."""
+    table = Table(title=title)
+    for column in (
+        "decoding",
+        "new tokens",
+        "decode tok/s",
+        "ms/token",
+        "T_D ms",
+        "T_V ms",
+        "acceptance",
+        "mean accepted",
+        "speedup",
+    ):
+        table.add_column(column, justify="right")
+    base = decode_rate(plain)
+    for name, results in (("plain", plain), (f"MagicDec {setting}", speculative)):
+        rate = decode_rate(results)
+        spec = _speculation_cells(results) if results[0].stats.verify_steps else {}
+        table.add_row(
+            name,
+            str(sum(len(r.token_ids) for r in results)),
+            f"{rate:.1f}" if rate else "-",
+            f"{1e3 / rate:.1f}" if rate else "-",
+            *(spec.get(c, "-") for c in ("T_D ms", "T_V ms", "acceptance", "mean accepted")),
+            f"{rate / base:.2f}x" if rate and base else "-",
+        )
     return table

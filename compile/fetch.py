@@ -54,6 +54,7 @@ SMOLLM2 = PackagedModel(
 )
 
 MODELS: dict[str, PackagedModel] = {"smollm2": SMOLLM2}
+DEFAULT_MODEL = "smollm2"  # what the demo runs and `fetch-model` fetches when given no name
 
 
 def home() -> Path:

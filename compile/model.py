@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from tvm import te, tirx
+from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.target import Target
@@ -49,6 +49,12 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
         medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
         inv = np.where(medium, smoothed, scaled).astype(np.float32)
     return inv
+
+
+def take_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """``x[rows]``. The host validates every index first (token ids, logit rows); the gather still clamps
+    them (TVM's "clip" mode, one min/max per row) rather than read out of bounds on a bad one."""
+    return nn.op.wrap_nested(relax.op.take(x._expr, rows._expr, axis=0, mode="clip"), name="take")
 
 
 def apply_rope(qkv: Tensor, positions: Tensor, inv_freq: Tensor, num_rotated_heads: int) -> Tensor:
@@ -148,13 +154,13 @@ class LlamaModel(nn.Module):
         return logits if logits.dtype == "float32" else logits.astype("float32")
 
     def embed(self, input_ids: Tensor) -> Tensor:
-        return self.embed_tokens(input_ids)
+        return take_rows(self.embed_tokens.weight, input_ids)
 
     def prefill(self, embeds, token_slots, token_seq, token_pos, page_table, query_tiles, logit_rows, pool):
         h, pool = self._hidden(
             embeds, pool, AttentionBatch(token_slots, token_seq, token_pos, page_table, query_tiles)
         )
-        return self._logits(op.take(h, logit_rows, axis=0)), pool
+        return self._logits(take_rows(h, logit_rows)), pool
 
     def decode(self, embeds, token_slots, token_seq, token_pos, page_table, query_tiles, pool):
         h, pool = self._hidden(

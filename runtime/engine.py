@@ -341,7 +341,7 @@ class Engine:
             if draft not in DRAFT_KINDS:
                 raise RequestError(f"unknown draft {draft!r}; choose one of: {', '.join(DRAFT_KINDS)}")
             budgets = list(budget) if isinstance(budget, (Sequence, np.ndarray)) else [budget] * len(requests)
-            default = self._default_budget()
+            default = self.default_budget()
             settings = [DraftSettings(draft, int(b if b is not None else default)) for b in budgets]
         elif isinstance(settings, DraftSettings):
             settings = [settings] * len(requests)
@@ -354,7 +354,7 @@ class Engine:
                 raise RequestError(str(e)) from None
             r.draft = s
 
-    def _default_budget(self) -> int:
+    def default_budget(self) -> int:
         """The artifact's draft budget, else DEFAULT_BUDGET, but never more than half the context window."""
         return self.artifact.config.draft_budget or min(
             DraftSettings().budget, self.config.context_window // 2
@@ -554,7 +554,7 @@ class Engine:
             )
         if not is_auto(budget):
             try:
-                DraftSettings(draft_kind, int(budget or self._default_budget())).validate(
+                DraftSettings(draft_kind, int(budget or self.default_budget())).validate(
                     self.config.context_window
                 )
             except ValueError as e:
@@ -572,7 +572,7 @@ class Engine:
             gammas,
             budgets,
             fixed_gamma=None if is_auto(gamma) else int(gamma),
-            fixed_budget=None if is_auto(budget) else int(budget or self._default_budget()),
+            fixed_budget=None if is_auto(budget) else int(budget or self.default_budget()),
             acceptance_curve=measured_curve(fit.acceptance) if fit.acceptance else prior_curve,
         )
 

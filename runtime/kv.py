@@ -39,6 +39,9 @@ class PagePool:
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
 
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self._seqs
+
     def add(self, seq_id: int) -> None:
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id} already exists")

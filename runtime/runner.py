@@ -6,12 +6,17 @@ the kernel profiler time steps through it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import tvm
 
 from ..constants import KV_TENSORS, PAGE_SIZE, QUERY_TILE
 from .artifact import Artifact
 from .kv import KVPoolExhausted, PagePool
+
+SYNTHETIC_SEQ_BASE = 1 << 30  # sequence ids for synthetic timing sequences (never clash with real ones)
 
 
 def query_tiles(seq_rows: np.ndarray) -> np.ndarray:
@@ -54,6 +59,29 @@ class ModelRunner:
         self.pool_tensor = tvm.runtime.empty(shape, self.artifact.dtype, self.device)
         self.pages = PagePool(num_pages, PAGE_SIZE)
         return self.pages
+
+    @contextmanager
+    def synthetic_batch(self, batch: int, context: int, slack: int) -> Iterator[list[int]]:
+        """``batch`` sequences of ``context`` tokens of zero KV (room for ``slack`` more each), for timing.
+
+        The kernels do the same work whatever the values, so a batch of 16 x 8k is timed without
+        prefilling 128k tokens. The pool is overwritten with zeros: use a runner that holds no sequence
+        (the engine's own target before any prefill, or a fresh ``ModelRunner``). Yields the sequence ids;
+        their pages are freed on exit.
+        """
+        ids = [SYNTHETIC_SEQ_BASE + i for i in range(batch)]
+        pages = self.ensure_pool(batch * -(-(context + slack) // PAGE_SIZE))
+        self.pool_tensor.copyfrom(np.zeros(self.pool_tensor.shape, dtype=self.artifact.dtype))
+        try:
+            for s in ids:
+                pages.add(s)
+                pages.reserve(s, context + slack)
+                pages.set_length(s, context)
+            yield ids
+        finally:
+            for s in ids:
+                if s in pages:
+                    pages.remove(s)
 
     def _t(self, array: np.ndarray) -> tvm.runtime.Tensor:
         return tvm.runtime.tensor(np.ascontiguousarray(array), self.device)

@@ -13,11 +13,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ..constants import PAGE_SIZE
 from .runner import ModelRunner
 from .views import CompressedView, DraftSettings, pack_views, smooth, snapkv_view
 
-SYNTHETIC_SEQ_BASE = 1 << 30  # sequence ids for synthetic timing sequences (never clash with real ones)
 # SnapKV keeps runs of neighbouring positions (high scores cluster, and the selection smooths them): runs of
 # 6-15 positions on average on Austen prompts at budgets 128-2048. Heavy-tailed (Pareto) scores smoothed over
 # this many positions give runs of 9-11 through the same selection, so a synthetic draft step reads the KV
@@ -48,6 +46,19 @@ def synthetic_view(settings: DraftSettings, context: int, layers: int, heads: in
     return snapkv_view(settings, context, scores, layers, heads)
 
 
+def synthetic_draft_args(
+    runner: ModelRunner, settings: DraftSettings, context: int, batch: int, rng
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The draft function's view arguments (positions, lengths, window starts) for ``batch`` synthetic
+    views of ``settings`` at ``context``."""
+    model = runner.cfg
+    views = [
+        synthetic_view(settings, context, model.num_layers, model.num_kv_heads, rng) for _ in range(batch)
+    ]
+    static_pos, static_len = pack_views(views)
+    return static_pos, static_len, np.array([v.window_start(context) for v in views], np.int32)
+
+
 def step_costs(
     runner: ModelRunner,
     batch: int,
@@ -60,23 +71,15 @@ def step_costs(
     """``T_AR``, ``T_D`` per (draft, budget) and ``T_V`` per gamma at one (batch, context), in seconds,
     each the median of ``repeats`` calls.
 
-    The runner's pool is overwritten with zeros: give it one that holds no sequence (the engine's own
-    target before any prefill, or a fresh ``ModelRunner``).
+    The runner's pool is overwritten with zeros (``ModelRunner.synthetic_batch``).
     """
     model = runner.cfg
     gmax = max(gammas)
-    ids = [SYNTHETIC_SEQ_BASE + i for i in range(batch)]
-    pages = runner.ensure_pool(batch * -(-(context + gmax + 1) // PAGE_SIZE))
-    runner.pool_tensor.copyfrom(np.zeros(runner.pool_tensor.shape, dtype=runner.artifact.dtype))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model.vocab_size, size=batch * (gmax + 1))
-    for s in ids:
-        pages.add(s)
-        pages.reserve(s, context + gmax + 1)
-        pages.set_length(s, context)
-    try:
-        rows = np.arange(batch)
-        positions = np.full(batch, context)
+    rows = np.arange(batch)
+    positions = np.full(batch, context)
+    with runner.synthetic_batch(batch, context, slack=gmax + 1) as ids:
         out = {
             "T_AR": median_time(
                 lambda: runner.forward("decode", tokens[:batch], rows, positions, ids), repeats
@@ -86,17 +89,9 @@ def step_costs(
         }
         for kind in drafts:
             for budget in budgets:
-                settings = DraftSettings(kind, budget)
-                views = [
-                    synthetic_view(settings, context, model.num_layers, model.num_kv_heads, rng) for _ in ids
-                ]
-                static_pos, static_len = pack_views(views)
-                window_start = np.array([v.window_start(context) for v in views], np.int32)
+                views = synthetic_draft_args(runner, DraftSettings(kind, budget), context, batch, rng)
                 out["T_D"][f"{kind}/{budget}"] = median_time(
-                    lambda: runner.forward(
-                        "draft", tokens[:batch], rows, positions, ids, static_pos, static_len, window_start
-                    ),
-                    repeats,
+                    lambda: runner.forward("draft", tokens[:batch], rows, positions, ids, *views), repeats
                 )
         for g in gammas:
             seq_rows = np.repeat(rows, g + 1)
@@ -105,6 +100,3 @@ def step_costs(
                 lambda: runner.forward("verify", tokens[: batch * (g + 1)], seq_rows, pos, ids), repeats
             )
         return out
-    finally:
-        for s in ids:
-            pages.remove(s)

@@ -399,12 +399,14 @@ def test_cli_calibrate_caches_the_fit_and_generate_auto_uses_it(tiny_models, tmp
         (("--calibrate", "ART", "--model", "llama-3.1-8b"), "leave out --model"),
         ((), "give --model"),
         (("--calibrate", "ART", "--against", "GRID"), "is not a bench grid"),
+        (("--calibrate", "ART", "--against", "CELLS"), "its cells lack T_AR"),
     ],
 )
 def test_cli_plan_calibrate_errors(tiny_models, tmp_path, args, message):
     from test_errors import cli_error, invoke
 
     (tmp_path / "GRID").write_text('{"cells": []}')
-    names = {"ART": str(tiny_models("llama")[2]), "GRID": str(tmp_path / "GRID")}
+    (tmp_path / "CELLS").write_text('{"cells": [{"batch": 1}], "acceptance": {}}')
+    names = {"ART": str(tiny_models("llama")[2]), **{n: str(tmp_path / n) for n in ("GRID", "CELLS")}}
     args = [names.get(a, a) for a in args]
     assert message in cli_error(invoke("plan", *args))

@@ -151,3 +151,31 @@ def test_ratios_and_targets():
     assert f"{llama} (target 2.0x: missed by 20%)" in lines
     magic = [line for line in lines if line.startswith("MagicDec vs best peer (llama.cpp Q4_1 KV F16")]
     assert len(magic) == 1 and "1.20x (target 1.5x: missed by 20%)" in magic[0]
+
+
+def test_cli_bench_grid_writes_the_grid_plan_calibrates_against(tiny_models, tmp_path, monkeypatch):
+    """``bench grid --json`` and ``plan --calibrate --against``: one writes what the other reads."""
+    from test_errors import invoke
+
+    monkeypatch.setenv("MLC_MAGICDEC_HOME", str(tmp_path))
+    artifact = tiny_models("llama")[2]
+    grid = tmp_path / "grid.json"
+    cells = ("--batch", "1,2", "--context", "200", "--gamma", "1,2", "--budget", "64", "--threads", "1")
+    result = invoke("bench", "grid", artifact, *cells, "--new-tokens", "16", "--repeats", "1", "--json", grid)
+    assert result.exit_code == 0, result.output
+    assert "MagicDec" in result.stdout and "command: " in result.stdout
+    data = json.loads(grid.read_text())
+    assert [(c["batch"], c["context"]) for c in data["cells"]] == [(1, 200), (2, 200)]
+    assert set(data["acceptance"]["200"]["accepted_length"]) == {"snapkv/64/1", "snapkv/64/2"}
+    result = invoke("plan", "--calibrate", artifact, "--quick", "--threads", "1", "--against", grid, "--json")
+    assert result.exit_code == 0, result.output
+    predictions = json.loads(result.stdout)["predictions"]
+    assert {p["quantity"] for p in predictions} == {"T_AR", "T_D", "T_V", "speedup"}
+
+
+@pytest.mark.parametrize("mode", ["grid", "peers", "profile", "auto", "roofline"])
+def test_cli_bench_subcommands_refuse_a_missing_output_folder(tiny_models, tmp_path, mode):
+    from test_errors import cli_error, invoke
+
+    out = tmp_path / "missing" / "out.json"
+    assert "does not exist" in cli_error(invoke("bench", mode, tiny_models("llama")[2], "--json", out))

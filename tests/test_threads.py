@@ -48,6 +48,6 @@ def test_bad_thread_counts_are_user_errors(monkeypatch):
 
 
 def test_cli_reports_bad_threads_in_one_line(tmp_path):
-    result = CliRunner().invoke(main, ["bench", str(tmp_path), "--roofline", "--threads", "0"])
+    result = CliRunner().invoke(main, ["bench", "roofline", str(tmp_path), "--threads", "0"])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == ["error: threads must be at least 1, got 0"]
