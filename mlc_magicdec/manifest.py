@@ -75,10 +75,31 @@ class Manifest:
             raise ManifestError(f"{path} is corrupt ({e}); compile the model again") from None
         return manifest
 
+    @staticmethod
+    def model_of(folder: str | Path) -> tuple[dict[str, Any], str | None]:
+        """Just the model config and dtype of ``folder``'s manifest (what a cost estimate needs, from any
+        version's artifact); raises ManifestError if they cannot be read."""
+        path = Path(folder) / CONFIG_NAME
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            model, dtype = data["model"], data.get("dtype")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ManifestError(f"{path} is corrupt ({e}); compile the model again") from None
+        if not isinstance(model, dict) or not isinstance(dtype, (str, type(None))):
+            raise ManifestError(f"{path} is corrupt (no model config); compile the model again")
+        return model, dtype
+
     def validate(self) -> None:
         """Raise ValueError if a field has the wrong type."""
-        expect = {"model": dict, "source": str, "dtype": str, "target": dict, "library": str,
-                  "param_names": list, "hashes": dict}
+        expect = {
+            "model": dict,
+            "source": str,
+            "dtype": str,
+            "target": dict,
+            "library": str,
+            "param_names": list,
+            "hashes": dict,
+        }
         for name, kind in expect.items():
             if not isinstance(getattr(self, name), kind):
                 raise ValueError(f"{name!r} is not a {kind.__name__}")

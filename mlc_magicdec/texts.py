@@ -62,4 +62,4 @@ def demo_prompt() -> str:
     end = text.find(f"\nChapter {DEMO_CHAPTERS + 1}\n")
     if end < 0:
         raise TextError(f"the text {DEMO_NOVEL!r} in {texts_dir()} has no chapter {DEMO_CHAPTERS + 1}")
-    return text[:end + 1]
+    return text[: end + 1]

@@ -34,6 +34,7 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 
+from . import calibration
 from . import costmodel as cm
 
 AUTO = "auto"
@@ -219,3 +220,23 @@ class AutoPolicy:
         gain = STOP_GAIN if current is not None else SPECULATE_GAIN
         self.current = best if best.throughput >= gain * plain.throughput else plain
         return self.current
+
+    def observe(self, choice: Choice, batch: int, context: int, seconds: Sequence[float]) -> None:
+        """Feed back a round's measured seconds at ``batch`` x mean ``context``: ``(step,)`` after a plain
+        step, ``(drafting, verification)`` after a speculative round."""
+        costs = self.costs
+        if choice.gamma == 0:
+            costs.observe("target", costs.target(batch, context), seconds[0])
+            return
+        t_draft, t_verify = seconds
+        costs.observe("draft", choice.gamma * costs.draft_step(batch, choice.budget, context), t_draft)
+        costs.observe("verify", costs.verify(batch, context, choice.gamma), t_verify)
+
+    @classmethod
+    def calibrated(cls, engine, draft: cm.Draft, gammas: Sequence[int], budgets: Sequence[int]) -> AutoPolicy:
+        """The policy for ``engine``'s target with ``draft``: this machine's cached calibration (a quick one
+        is made now if there is none), and its measured acceptance curve if it has one."""
+        fit = calibration.load_or_calibrate(engine)
+        costs = StepCosts(calibration.model_spec(engine), fit.hardware, draft)
+        curve = measured_curve(fit.acceptance) if fit.acceptance else prior_curve
+        return cls(costs, gammas, budgets, acceptance_curve=curve)

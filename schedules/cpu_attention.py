@@ -25,8 +25,8 @@ import numpy as np
 from tvm.script import tirx as T
 
 from ..constants import PAGE_SIZE, QUERY_TILE
+from .attention_common import LOG2E, NEG_INF, attention_scores_entry, kv_append_entry, paged_attention_entry
 from .cpu_isa import VectorUnit
-from .softmax import LOG2E, NEG_INF
 
 KEY_BLOCK = PAGE_SIZE  # keys per block: one page in the dense view
 MAX_ROW_TILE = 4  # most query rows scored together against each key block loaded
@@ -77,16 +77,8 @@ def kv_append(num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
     """Write each new token's K (transposed page layout) and V into its slot of one layer."""
     Hkv, D, P = num_kv_heads, head_dim, page_size
 
-    @T.prim_func(s_tir=True)
-    def kv_append_cpu(pool_h: T.handle, k_h: T.handle, v_h: T.handle, slot_h: T.handle, layer: T.int32):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        num_layers = T.int32()
-        num_pages = T.int32()
-        n = T.int32()
-        pool = T.match_buffer(pool_h, (num_layers, num_pages, 2, Hkv, P * D), dtype)
-        k = T.match_buffer(k_h, (n, Hkv, D), dtype)
-        v = T.match_buffer(v_h, (n, Hkv, D), dtype)
-        slot = T.match_buffer(slot_h, (n,), "int32")
+    @T.macro
+    def append_body(pool, k, v, slot, layer, n):
         for t in T.parallel(n):
             for h in T.serial(Hkv):
                 for d in T.serial(D):
@@ -94,7 +86,7 @@ def kv_append(num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
                 for d in T.vectorized(D):
                     pool[layer, slot[t] // P, 1, h, (slot[t] % P) * D + d] = v[t, h, d]
 
-    return kv_append_cpu
+    return kv_append_entry("kv_append_cpu", append_body, Hkv, D, P, dtype)
 
 
 def paged_attention(
@@ -157,18 +149,9 @@ def paged_attention(
 
     @T.macro
     def body(
-        q,
-        pool,
-        page_table,
-        token_seq,
-        token_pos,
-        query_tiles,
-        out,
-        layer,
-        static_pos,
-        static_len,
-        window_start,
-    ):
+        q, pool, page_table, token_seq, token_pos, query_tiles, out, layer,
+        static_pos, static_len, window_start, _num_tiles,
+    ):  # fmt: skip
         items: T.let[T.int32] = query_tiles.shape[0] * Hkv
         max_pages = page_table.shape[1]
         splits: T.let[T.int32] = split_count(items, max_pages)
@@ -350,84 +333,8 @@ def paged_attention(
                         for d in T.vectorized(D):
                             out[r0 + m // G, kh * G + m % G, d] = T.Cast(dtype, merged[d] / stat[1])
 
-    if sparse:
-
-        @T.prim_func(s_tir=True)
-        def sparse_attention_cpu(
-            q_h: T.handle,
-            pool_h: T.handle,
-            page_table_h: T.handle,
-            token_seq_h: T.handle,
-            token_pos_h: T.handle,
-            query_tiles_h: T.handle,
-            static_pos_h: T.handle,
-            static_len_h: T.handle,
-            window_start_h: T.handle,
-            layer: T.int32,
-            out_h: T.handle,
-        ):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-            n = T.int32()
-            num_layers = T.int32()
-            num_pages = T.int32()
-            batch = T.int32()
-            max_pages = T.int32()
-            num_tiles = T.int32()
-            max_static = T.int32()
-            q = T.match_buffer(q_h, (n, Hq, D), dtype)
-            pool = T.match_buffer(pool_h, (num_layers, num_pages, 2, Hkv, P * D), dtype)
-            page_table = T.match_buffer(page_table_h, (batch, max_pages), "int32")
-            token_seq = T.match_buffer(token_seq_h, (n,), "int32")
-            token_pos = T.match_buffer(token_pos_h, (n,), "int32")
-            query_tiles = T.match_buffer(query_tiles_h, (num_tiles, 2), "int32")
-            static_pos = T.match_buffer(static_pos_h, (batch, num_layers, Hkv, max_static), "int32")
-            static_len = T.match_buffer(static_len_h, (batch,), "int32")
-            window_start = T.match_buffer(window_start_h, (batch,), "int32")
-            out = T.match_buffer(out_h, (n, Hq, D), dtype)
-            body(
-                q,
-                pool,
-                page_table,
-                token_seq,
-                token_pos,
-                query_tiles,
-                out,
-                layer,
-                static_pos,
-                static_len,
-                window_start,
-            )
-
-        return sparse_attention_cpu
-
-    @T.prim_func(s_tir=True)
-    def dense_attention_cpu(
-        q_h: T.handle,
-        pool_h: T.handle,
-        page_table_h: T.handle,
-        token_seq_h: T.handle,
-        token_pos_h: T.handle,
-        query_tiles_h: T.handle,
-        layer: T.int32,
-        out_h: T.handle,
-    ):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        n = T.int32()
-        num_layers = T.int32()
-        num_pages = T.int32()
-        batch = T.int32()
-        max_pages = T.int32()
-        num_tiles = T.int32()
-        q = T.match_buffer(q_h, (n, Hq, D), dtype)
-        pool = T.match_buffer(pool_h, (num_layers, num_pages, 2, Hkv, P * D), dtype)
-        page_table = T.match_buffer(page_table_h, (batch, max_pages), "int32")
-        token_seq = T.match_buffer(token_seq_h, (n,), "int32")
-        token_pos = T.match_buffer(token_pos_h, (n,), "int32")
-        query_tiles = T.match_buffer(query_tiles_h, (num_tiles, 2), "int32")
-        out = T.match_buffer(out_h, (n, Hq, D), dtype)
-        body(q, pool, page_table, token_seq, token_pos, query_tiles, out, layer, None, None, None)
-
-    return dense_attention_cpu
+    name = "sparse_attention_cpu" if sparse else "dense_attention_cpu"
+    return paged_attention_entry(name, body, Hq, Hkv, D, P, dtype, sparse)
 
 
 def attention_scores(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
@@ -437,28 +344,8 @@ def attention_scores(num_heads: int, num_kv_heads: int, head_dim: int, page_size
     G = Hq // Hkv
     scale = LOG2E / math.sqrt(D)
 
-    @T.prim_func(s_tir=True)
-    def attention_scores_cpu(
-        q_h: T.handle,
-        pool_h: T.handle,
-        page_table_h: T.handle,
-        token_seq_h: T.handle,
-        token_pos_h: T.handle,
-        layer: T.int32,
-        scores_h: T.handle,
-    ):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        n = T.int32()
-        num_layers = T.int32()
-        num_pages = T.int32()
-        batch = T.int32()
-        max_pages = T.int32()
-        q = T.match_buffer(q_h, (n, Hq, D), dtype)
-        pool = T.match_buffer(pool_h, (num_layers, num_pages, 2, Hkv, P * D), dtype)
-        page_table = T.match_buffer(page_table_h, (batch, max_pages), "int32")
-        token_seq = T.match_buffer(token_seq_h, (n,), "int32")
-        token_pos = T.match_buffer(token_pos_h, (n,), "int32")
-        scores = T.match_buffer(scores_h, (batch, Hkv, max_pages * P), "float32")
+    @T.macro
+    def scores_body(q, pool, page_table, token_seq, token_pos, layer, scores, n, batch, max_pages):
         for item in T.parallel(batch * Hkv):
             with T.sblock("scores"):
                 T.reads()
@@ -499,5 +386,4 @@ def attention_scores(num_heads: int, num_kv_heads: int, head_dim: int, page_size
                                                     + fast_exp2(s[j] - stat[0]) / stat[1]
                                                 )
 
-    return attention_scores_cpu
-
+    return attention_scores_entry("attention_scores_cpu", scores_body, Hq, Hkv, D, P, dtype)

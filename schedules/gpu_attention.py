@@ -29,7 +29,7 @@ from tvm.target import Target
 
 from ..constants import QUERY_TILE
 from ..errors import TargetError
-from .softmax import LOG2E, NEG_INF
+from .attention_common import LOG2E, NEG_INF, attention_scores_entry, kv_append_entry, paged_attention_entry
 
 THREADS = 128  # threads per block (4 warps; at most Metal's and Vulkan's 256)
 KEY_BLOCKS = (32, 16)  # keys staged in shared memory per step, by preference (two pages, one page)
@@ -81,16 +81,8 @@ def kv_append(num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
     """Write each new token's K and V (row-major pages) into its slot of one layer; one thread a value."""
     Hkv, D, P = num_kv_heads, head_dim, page_size
 
-    @T.prim_func(s_tir=True)
-    def kv_append_gpu(pool_h: T.handle, k_h: T.handle, v_h: T.handle, slot_h: T.handle, layer: T.int32):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        num_layers = T.int32()
-        num_pages = T.int32()
-        n = T.int32()
-        pool = T.match_buffer(pool_h, (num_layers, num_pages, 2, Hkv, P * D), dtype)
-        k = T.match_buffer(k_h, (n, Hkv, D), dtype)
-        v = T.match_buffer(v_h, (n, Hkv, D), dtype)
-        slot = T.match_buffer(slot_h, (n,), "int32")
+    @T.macro
+    def append_body(pool, k, v, slot, layer, n):
         for bx in T.thread_binding(T.ceildiv(n * Hkv * D, THREADS), thread="blockIdx.x"):
             for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                 with T.sblock("kv_append"):
@@ -105,7 +97,7 @@ def kv_append(num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
                         pool[layer, s // P, 0, h, s % P * D + d] = k[t, h, d]
                         pool[layer, s // P, 1, h, s % P * D + d] = v[t, h, d]
 
-    return kv_append_gpu
+    return kv_append_entry("kv_append_gpu", append_body, Hkv, D, P, dtype)
 
 
 def paged_attention(
@@ -136,19 +128,9 @@ def paged_attention(
 
     @T.macro
     def body(
-        q,
-        pool,
-        page_table,
-        token_seq,
-        token_pos,
-        query_tiles,
-        out,
-        layer,
-        static_pos,
-        static_len,
-        window_start,
-        num_tiles,
-    ):
+        q, pool, page_table, token_seq, token_pos, query_tiles, out, layer,
+        static_pos, static_len, window_start, num_tiles,
+    ):  # fmt: skip
         for bx in T.thread_binding(num_tiles * Hkv * SPLIT, thread="blockIdx.x"):
             for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                 with T.sblock("attn"):
@@ -276,85 +258,8 @@ def paged_attention(
                                 acc[_item(it, tx) // D, _item(it, tx) % D] / row_sum[_item(it, tx) // D],
                             )
 
-    if sparse:
-
-        @T.prim_func(s_tir=True)
-        def sparse_attention_gpu(
-            q_h: T.handle,
-            pool_h: T.handle,
-            page_table_h: T.handle,
-            token_seq_h: T.handle,
-            token_pos_h: T.handle,
-            query_tiles_h: T.handle,
-            static_pos_h: T.handle,
-            static_len_h: T.handle,
-            window_start_h: T.handle,
-            layer: T.int32,
-            out_h: T.handle,
-        ):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-            n = T.int32()
-            num_layers = T.int32()
-            num_pages = T.int32()
-            batch = T.int32()
-            max_pages = T.int32()
-            num_tiles = T.int32()
-            max_static = T.int32()
-            q = T.match_buffer(q_h, (n, Hq, D), dtype)
-            pool = T.match_buffer(pool_h, (num_layers, num_pages, 2, Hkv, P * D), dtype)
-            page_table = T.match_buffer(page_table_h, (batch, max_pages), "int32")
-            token_seq = T.match_buffer(token_seq_h, (n,), "int32")
-            token_pos = T.match_buffer(token_pos_h, (n,), "int32")
-            query_tiles = T.match_buffer(query_tiles_h, (num_tiles, 2), "int32")
-            static_pos = T.match_buffer(static_pos_h, (batch, num_layers, Hkv, max_static), "int32")
-            static_len = T.match_buffer(static_len_h, (batch,), "int32")
-            window_start = T.match_buffer(window_start_h, (batch,), "int32")
-            out = T.match_buffer(out_h, (n, Hq, D), dtype)
-            body(
-                q,
-                pool,
-                page_table,
-                token_seq,
-                token_pos,
-                query_tiles,
-                out,
-                layer,
-                static_pos,
-                static_len,
-                window_start,
-                num_tiles,
-            )
-
-        return sparse_attention_gpu
-
-    @T.prim_func(s_tir=True)
-    def dense_attention_gpu(
-        q_h: T.handle,
-        pool_h: T.handle,
-        page_table_h: T.handle,
-        token_seq_h: T.handle,
-        token_pos_h: T.handle,
-        query_tiles_h: T.handle,
-        layer: T.int32,
-        out_h: T.handle,
-    ):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        n = T.int32()
-        num_layers = T.int32()
-        num_pages = T.int32()
-        batch = T.int32()
-        max_pages = T.int32()
-        num_tiles = T.int32()
-        q = T.match_buffer(q_h, (n, Hq, D), dtype)
-        pool = T.match_buffer(pool_h, (num_layers, num_pages, 2, Hkv, P * D), dtype)
-        page_table = T.match_buffer(page_table_h, (batch, max_pages), "int32")
-        token_seq = T.match_buffer(token_seq_h, (n,), "int32")
-        token_pos = T.match_buffer(token_pos_h, (n,), "int32")
-        query_tiles = T.match_buffer(query_tiles_h, (num_tiles, 2), "int32")
-        out = T.match_buffer(out_h, (n, Hq, D), dtype)
-        body(q, pool, page_table, token_seq, token_pos, query_tiles, out, layer, None, None, None, num_tiles)
-
-    return dense_attention_gpu
+    name = "sparse_attention_gpu" if sparse else "dense_attention_gpu"
+    return paged_attention_entry(name, body, Hq, Hkv, D, P, dtype, sparse)
 
 
 def attention_scores(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
@@ -378,28 +283,8 @@ def attention_scores(num_heads: int, num_kv_heads: int, head_dim: int, page_size
                 "float32", pool[layer, page_table[b, j // P], 0, kh, j % P * D + d]
             )
 
-    @T.prim_func(s_tir=True)
-    def attention_scores_gpu(
-        q_h: T.handle,
-        pool_h: T.handle,
-        page_table_h: T.handle,
-        token_seq_h: T.handle,
-        token_pos_h: T.handle,
-        layer: T.int32,
-        scores_h: T.handle,
-    ):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        n = T.int32()
-        num_layers = T.int32()
-        num_pages = T.int32()
-        batch = T.int32()
-        max_pages = T.int32()
-        q = T.match_buffer(q_h, (n, Hq, D), dtype)
-        pool = T.match_buffer(pool_h, (num_layers, num_pages, 2, Hkv, P * D), dtype)
-        page_table = T.match_buffer(page_table_h, (batch, max_pages), "int32")
-        token_seq = T.match_buffer(token_seq_h, (n,), "int32")
-        token_pos = T.match_buffer(token_pos_h, (n,), "int32")
-        scores = T.match_buffer(scores_h, (batch, Hkv, max_pages * P), "float32")
+    @T.macro
+    def scores_body(q, pool, page_table, token_seq, token_pos, layer, scores, n, batch, max_pages):
         for bx in T.thread_binding(batch * Hkv, thread="blockIdx.x"):
             for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                 with T.sblock("scores"):
@@ -458,4 +343,4 @@ def attention_scores(num_heads: int, num_kv_heads: int, head_dim: int, page_size
                                         scores[b, kh, _item(it, tx)] + T.exp2(dot[0] - total[0]) / total[1]
                                     )
 
-    return attention_scores_gpu
+    return attention_scores_entry("attention_scores_gpu", scores_body, Hq, Hkv, D, P, dtype)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import TINY_CONTEXT, TINY_VOCAB
 
+from mlc_magicdec.runtime.drafter import snapkv_scores
 from mlc_magicdec.runtime.engine import Engine
 from mlc_magicdec.runtime.steptiming import synthetic_view
 from mlc_magicdec.runtime.views import (
@@ -242,8 +243,8 @@ def _views(engine: Engine, batch, settings: DraftSettings):
     cfg = engine.config
     if settings.kind == "streamingllm":
         return [streaming_view(settings, len(p), cfg.num_layers, cfg.num_kv_heads) for p in batch.prompts]
-    scores = engine._snapkv_scores(engine.target, [_Req(s, p, settings)
-                                                   for s, p in zip(batch.seq_ids, batch.prompts)])
+    scores = snapkv_scores(engine.target, [_Req(s, p, settings)
+                                           for s, p in zip(batch.seq_ids, batch.prompts)])
     return [snapkv_view(settings, len(p), scores[s], cfg.num_layers, cfg.num_kv_heads)
             for s, p in zip(batch.seq_ids, batch.prompts)]
 
@@ -305,7 +306,7 @@ def test_draft_logits_equal_transformers_attending_to_the_view(tiny, kind):
 
 
 class _Req:
-    """The fields of a request that ``Engine._snapkv_scores`` reads."""
+    """The fields of a request that ``drafter.snapkv_scores`` reads."""
 
     def __init__(self, seq_id: int, prompt: list[int], draft: DraftSettings):
         self.seq_id, self.prompt, self.draft = seq_id, prompt, draft

@@ -198,3 +198,21 @@ def test_max_new_tokens_is_exact(engine):
         results = engine.generate(prompts, max_new_tokens=n, stop_at_eos=False)
         assert [len(r.token_ids) for r in results] == [n] * 3
         assert all(r.finish_reason == "length" for r in results)
+
+
+def test_the_artifact_chooses_the_default_draft_view(tiny_models, tmp_path):
+    """``compile --draft streamingllm`` records the view; speculation without ``draft`` then uses it."""
+    folder = tiny_models("llama")[0]
+    artifact = compile_model(folder, tmp_path / "streaming", drafts=("streamingllm",), quiet=True)
+    engine = Engine(artifact)
+    assert engine.default_draft() == "streamingllm"
+    assert Engine(tiny_models("llama")[2]).default_draft() == "snapkv"  # compiled without --draft
+    rng = np.random.default_rng(5)
+    prompt = rng.integers(3, TINY_VOCAB, 90).tolist()
+    with engine.prefill([prompt], max_new_tokens=12) as batch:
+        runs = {
+            draft: engine.decode(batch, speculate=True, draft=draft, budget=40, gamma=3, stop_at_eos=False)[0]
+            for draft in (None, "streamingllm", "snapkv")
+        }
+    assert runs[None].accepted_lengths == runs["streamingllm"].accepted_lengths
+    assert runs[None].token_ids == runs["snapkv"].token_ids  # lossless either way

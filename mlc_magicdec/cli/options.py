@@ -189,9 +189,9 @@ speculation_options = group(
     click.option(
         "--draft",
         type=click.Choice(DRAFT_KINDS),
-        default=DEFAULT_DRAFT,
-        show_default=True,
-        help="How the draft compresses the KV cache.",
+        default=None,
+        help="How the draft compresses the KV cache (default: the artifact's first --draft at compile time, "
+        f"else {DEFAULT_DRAFT}).",
     ),
     click.option(
         "--budget",

@@ -87,7 +87,8 @@ def demo(
     click.echo(plain[0].text)
     same = plain[0].token_ids == magic[0].token_ids
     budget = speculation.get("budget") or engine.default_budget()
-    setting = f"{speculation.get('draft', 'snapkv')}/{budget}, gamma {speculation.get('gamma')}"
+    draft = speculation.get("draft") or engine.default_draft()
+    setting = f"{draft}/{budget}, gamma {speculation.get('gamma')}"
     context = len(batch.prompts[0]) + max_new_tokens
     title = (
         f"plain vs MagicDec: {Path(engine.artifact.config.source).name} on "

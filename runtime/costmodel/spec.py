@@ -10,6 +10,7 @@ from ...compile.config import ModelConfig, ModelError
 from ...compile.loaders import read_json
 from ...constants import DTYPE_BYTES, KV_TENSORS
 from ...manifest import CONFIG_NAME as ARTIFACT_CONFIG_NAME
+from ...manifest import Manifest, ManifestError
 from .hardware import ATTENTION_FLOPS_PER_ENTRY, DEFAULT_DTYPE, HF_CONFIG_NAME, CostModelError
 
 # ------------------------------------------------------------------------------------------------------
@@ -158,12 +159,12 @@ def load_model(spec: str, dtype: str | None = None) -> ModelSpec:
         return ModelSpec(BUILTIN_MODELS[name], _dtype_bytes(dtype, Path(name)), name)
     path = Path(spec)
     if path.is_dir() and (path / ARTIFACT_CONFIG_NAME).is_file():
-        cfg = read_json(path / ARTIFACT_CONFIG_NAME)
         try:
-            config = ModelConfig.from_dict(cfg["model"])
-        except (KeyError, TypeError) as e:
+            model, artifact_dtype = Manifest.model_of(path)
+            config = ModelConfig.from_dict(model)
+        except (ManifestError, KeyError, TypeError) as e:
             raise CostModelError(f"{path / ARTIFACT_CONFIG_NAME} is corrupt ({e}); compile again") from None
-        return ModelSpec(config, _dtype_bytes(dtype or cfg.get("dtype"), path), path.name)
+        return ModelSpec(config, _dtype_bytes(dtype or artifact_dtype, path), path.name)
     file = path / HF_CONFIG_NAME if path.is_dir() else path
     if not file.is_file():
         raise CostModelError(

@@ -1,0 +1,150 @@
+"""The drafter of speculative decoding: who proposes ``gamma`` tokens a round, and whose KV it reads.
+
+Two kinds, one interface:
+
+- ``SelfDrafter``: MagicDec's self-speculation. The target's own weights attend through a compressed view
+  (StreamingLLM or SnapKV) of the target's KV pool, so its KV is always the target's committed KV.
+- ``ModelDrafter``: a separate small model with the target's tokenizer and its own pool, whose KV holds
+  what it has drafted from; after a round it keeps the KV of the accepted drafts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import costmodel as cm
+from .runner import ModelRunner
+from .sampling import probs_from_logits, sample
+from .sequences import PrefilledBatch, SequenceState
+from .views import snapkv_view, streaming_view
+
+
+def snapkv_scores(runner: ModelRunner, sequences: Sequence[SequenceState]) -> dict[int, np.ndarray]:
+    """Each sequence's SnapKV scores (``[layers, kv_heads, prompt]``): its prompt's last ``draft.window``
+    tokens attend to the whole prompt, on the device."""
+    toks, rows, pos = [], [], []
+    for row, r in enumerate(sequences):
+        start = len(r.prompt) - r.draft.window
+        toks.append(r.prompt[start:])
+        rows.append(np.full(r.draft.window, row))
+        pos.append(np.arange(start, len(r.prompt)))
+    scores = runner.forward(
+        "snapkv_scores",
+        np.concatenate(toks),
+        np.concatenate(rows),
+        np.concatenate(pos),
+        [r.seq_id for r in sequences],
+    )
+    return {r.seq_id: scores[:, row] for row, r in enumerate(sequences)}
+
+
+class Drafter:
+    """Drafts through ``runner``'s ``draft`` function over compressed views of its pool."""
+
+    owns_pool: bool  # whether it has a pool of its own (to reserve, prefill and release with the target's)
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+
+    def cost_model(self) -> cm.Draft:
+        """How the cost model sees this drafter."""
+        raise NotImplementedError
+
+    def after_plain_step(self, r: SequenceState, committed: int) -> None:
+        """The target committed ``committed`` tokens of ``r`` in a plain step."""
+
+    def after_verify(self, r: SequenceState, committed: int, kept: int, accepted: int, gamma: int) -> None:
+        """A round of ``gamma`` drafts for ``r`` from ``committed`` tokens accepted ``accepted`` of them and
+        kept ``kept`` tokens (the accepted ones and the target's next, up to EOS or the limit)."""
+        raise NotImplementedError
+
+    def build_views(self, sequences: Sequence[SequenceState], batch: PrefilledBatch) -> None:
+        """After prefill: each sequence's compressed view (SnapKV scores its prompt's last window on the
+        device, once per batch and window)."""
+        c = self.runner.cfg
+        snap = [
+            r
+            for r in sequences
+            if r.draft.kind == "snapkv"
+            and len(r.prompt) > r.draft.window
+            and (r.seq_id, r.draft.window) not in batch.snapkv_scores
+        ]
+        if snap:
+            for seq_id, scores in snapkv_scores(self.runner, snap).items():
+                batch.snapkv_scores[seq_id, next(r.draft.window for r in snap if r.seq_id == seq_id)] = scores
+        for r in sequences:
+            if r.draft.kind == "streamingllm":
+                r.view = streaming_view(r.draft, len(r.prompt), c.num_layers, c.num_kv_heads)
+            else:
+                scores = batch.snapkv_scores.get((r.seq_id, r.draft.window))
+                r.view = snapkv_view(r.draft, len(r.prompt), scores, c.num_layers, c.num_kv_heads)
+
+    def draft(
+        self,
+        active: Sequence[SequenceState],
+        committed: np.ndarray,
+        gamma: int,
+        static_pos: np.ndarray,
+        static_len: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``gamma`` draft steps for each active sequence: tokens ``[B, gamma]`` and their probabilities
+        (None when every sequence is greedy).
+
+        The first step also feeds the drafter any committed token it has no KV for yet (a separate draft model
+        never saw the last drafted token when all were accepted), so it may take two tokens for a sequence.
+        """
+        batch, vocab = len(active), self.runner.cfg.vocab_size
+        tokens = np.empty((batch, gamma), dtype=np.int64)
+        greedy = all(r.params.greedy for r in active)
+        q = None if greedy else np.empty((batch, gamma, vocab))
+        window_start = np.array([r.view.window_start(int(n)) for r, n in zip(active, committed)], np.int32)
+        feed = [r.tokens[r.draft_len :] for r in active]
+        rows = np.concatenate([np.full(len(f), b) for b, f in enumerate(feed)])
+        positions = np.concatenate([np.arange(r.draft_len, len(r.tokens)) for r in active])
+        current = np.concatenate(feed)
+        seq_ids = [r.seq_id for r in active]
+        for i in range(gamma):
+            logits = self.runner.forward(
+                "draft", current, rows, positions, seq_ids, static_pos, static_len, window_start
+            )
+            logits = logits[np.cumsum(np.bincount(rows, minlength=batch)) - 1]  # each row's last token
+            if greedy:
+                tokens[:, i] = np.argmax(logits, axis=-1)
+            else:
+                for b, r in enumerate(active):
+                    q[b, i] = probs_from_logits(logits[b], r.params.temperature, r.params.top_p)
+                    tokens[b, i] = sample(q[b, i][None], r.rng)[0]
+            current, rows, positions = tokens[:, i], np.arange(batch), committed + i + 1
+        return tokens, q
+
+
+class SelfDrafter(Drafter):
+    """The target drafting for itself through a compressed view of its own pool (MagicDec)."""
+
+    owns_pool = False
+
+    def cost_model(self) -> cm.Draft:
+        return cm.SELF_DRAFT
+
+    def after_plain_step(self, r: SequenceState, committed: int) -> None:
+        r.draft_len = committed
+
+    def after_verify(self, r: SequenceState, committed: int, kept: int, accepted: int, gamma: int) -> None:
+        r.draft_len = committed + kept  # the target's pool is the draft's
+
+
+class ModelDrafter(Drafter):
+    """A separate small model with its own pool."""
+
+    owns_pool = True
+
+    def cost_model(self) -> cm.Draft:
+        a = self.runner.artifact
+        return cm.Draft(cm.ModelSpec(a.model, cm.DTYPE_BYTES[a.dtype], a.path.name))
+
+    def after_verify(self, r: SequenceState, committed: int, kept: int, accepted: int, gamma: int) -> None:
+        # its KV is valid for the tokens it drafted from that were accepted
+        r.draft_len = committed + min(gamma, accepted + 1)
+        self.runner.pages.set_length(r.seq_id, r.draft_len)
