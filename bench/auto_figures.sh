@@ -12,7 +12,7 @@ uptime | tee "$out/auto_load.txt"
 
 # 1. The grid (step costs side by side, acceptance from real runs), then calibration on the same machine
 #    right after it, and the prediction error of the calibrated model over the grid.
-mlc-magicdec bench "$art" --batch 1,4,8,16 --context 1024,4096,8192 --new-tokens 64 --draft snapkv \
+mlc-magicdec bench grid "$art" --batch 1,4,8,16 --context 1024,4096,8192 --new-tokens 64 --draft snapkv \
   --budget 256,1024 --gamma 1,2,3,4,5 --threads "$threads" --json "$out/costmodel_grid.json" | tee "$out/costmodel_grid.txt"
 mlc-magicdec plan --calibrate "$art" --against "$out/costmodel_grid.json" --batch 1,4,8,16 \
   --context 1024,4096,8192 --threads "$threads" --json "$out/costmodel_calibration.json" \
@@ -20,6 +20,6 @@ mlc-magicdec plan --calibrate "$art" --against "$out/costmodel_grid.json" --batc
 
 # 2. Automatic against fixed: plain, every fixed (gamma, budget) and auto on the same prefilled prompts,
 #    interleaved repeats (auto uses the calibration just cached).
-mlc-magicdec bench "$art" --auto --batch 1,8 --context 1024,4096,8192 --new-tokens 48 --draft snapkv \
+mlc-magicdec bench auto "$art" --batch 1,8 --context 1024,4096,8192 --new-tokens 48 --draft snapkv \
   --budget 256,1024 --gamma 1,2,3,4,5 --repeats 3 --threads "$threads" --json "$out/auto_vs_fixed.json" | tee "$out/auto_vs_fixed.txt"
 uptime | tee -a "$out/auto_load.txt"

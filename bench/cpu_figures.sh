@@ -15,27 +15,27 @@ for i in 1 2 3; do
 done | tee "$out/compile_time.txt"
 
 # Plain decoding against transformers (issue: foundation): batch 1 and 8 at a 4,096-token context.
-mlc-magicdec bench "$art" --peers --batch 1,8 --context 4096 --new-tokens 32 --repeats 3 \
+mlc-magicdec bench peers "$art" --batch 1,8 --context 4096 --new-tokens 32 --repeats 3 \
   --json "$out/plain_vs_transformers.json" | tee "$out/plain_vs_transformers.txt"
 
 # Acceptance of both draft views at budgets 128-1024 on 4k prompts, gamma 1-5.
-mlc-magicdec bench "$art" --batch 8 --context 4096 --new-tokens 128 --draft snapkv,streamingllm \
+mlc-magicdec bench grid "$art" --batch 8 --context 4096 --new-tokens 128 --draft snapkv,streamingllm \
   --budget 128,256,512,1024 --gamma 1,2,3,4,5 --json "$out/acceptance_4k.json" | tee "$out/acceptance_4k.txt"
 
 # The MagicDec table and plot: batch 1-16 x context 1k-8k, best gamma per cell.
-mlc-magicdec bench "$art" --batch 1,4,8,16 --context 1024,2048,4096,8192 --new-tokens 128 --draft snapkv \
+mlc-magicdec bench grid "$art" --batch 1,4,8,16 --context 1024,2048,4096,8192 --new-tokens 128 --draft snapkv \
   --budget 256 --gamma 1,2,3,4,5 --json "$out/magicdec_cpu.json" --plot "$out/magicdec_cpu_speedup.png" \
   | tee "$out/magicdec_cpu.txt"
 
 # Issue #5 (CPU speed). The machine's roofline: triad bandwidth, matmul FLOP/s, bytes per step, tokens/s allowed.
-mlc-magicdec bench "$art" --roofline --batch 1,8 --context 1024,4096,8192 --threads "$threads" \
+mlc-magicdec bench roofline "$art" --batch 1,8 --context 1024,4096,8192 --threads "$threads" \
   --json "$out/roofline.json" | tee "$out/roofline.txt"
 
 # The kernel profile (VM instrument) of a decode, verify (gamma 2) and draft (SnapKV 256) step at batch 1 and 8
 # x 8k. profile_nosplit_b*.txt was measured the same way on an artifact compiled from commit 4b2906f (before key
 # splitting); profile_before.txt/profile_after.txt on artifacts of commits 36a9bfc and 19065c8 (row tiles).
 for batch in 1 8; do
-  mlc-magicdec bench "$art" --profile --batch "$batch" --context 8192 --gamma 2 --budget 256 --threads "$threads" \
+  mlc-magicdec bench profile "$art" --batch "$batch" --context 8192 --gamma 2 --budget 256 --threads "$threads" \
     --json "$out/profile_split_b$batch.json" | tee "$out/profile_split_b$batch.txt"
 done
 
@@ -45,7 +45,7 @@ done
 # One command per cell, so that each cell's table is written as soon as it is measured.
 for batch in 8 1; do
   for context in 8192 4096 1024; do
-    mlc-magicdec bench "$art" --peers --batch "$batch" --context "$context" --new-tokens 128 --repeats 3 \
+    mlc-magicdec bench peers "$art" --batch "$batch" --context "$context" --new-tokens 128 --repeats 3 \
       --peer-repeats 1 --draft snapkv --budget 256 --gamma 2 --threads "$threads" \
       --json "$out/peers_b${batch}_c${context}.json" | tee "$out/peers_b${batch}_c${context}.txt"
   done

@@ -33,7 +33,7 @@ echo "== 2. lossless tests on CUDA"
 MLC_MAGICDEC_TEST_TARGET=cuda $python -m pytest -q -p no:cacheprovider tests/test_lossless.py
 
 echo "== 3. MagicDec benchmark (fp16, batch 1/8/32/64, context 4k/8k)"
-mlc-magicdec bench "$art" --batch 1,8,32,64 --context 4096,8192 --new-tokens 64 --draft snapkv,streamingllm \
+mlc-magicdec bench grid "$art" --batch 1,8,32,64 --context 4096,8192 --new-tokens 64 --draft snapkv,streamingllm \
   --budget 256 --gamma 1,2,3,4 --repeats 5 --json "$out/magicdec_cuda.json" --plot "$out/magicdec_cuda_speedup.png" \
   | tee "$out/magicdec_cuda.txt"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
@@ -11,8 +11,11 @@ from .autospec import Acceptance
 from .sampling import SamplingParams
 from .views import CompressedView, DraftSettings
 
-if TYPE_CHECKING:
-    from .engine import Engine
+
+class _Owner(Protocol):
+    """What a prefilled batch needs of the engine that made it (so this module need not import it)."""
+
+    def release(self, batch: PrefilledBatch) -> None: ...
 
 
 @dataclasses.dataclass
@@ -82,7 +85,7 @@ class SequenceState:
 class PrefilledBatch:
     """Prompts whose KV is in the pool (from ``Engine.prefill``); decode it any number of times."""
 
-    engine: Engine
+    engine: _Owner  # the Engine that prefilled it
     prompts: list[list[int]]
     seq_ids: list[int]
     max_new_tokens: int

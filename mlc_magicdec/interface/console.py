@@ -23,7 +23,10 @@ def progress(message: str) -> None:
 
 def command_line() -> str:
     """The command being run, as a user would type it (the program's name, not its install path)."""
-    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    program = Path(sys.argv[0]).name
+    if program == "__main__.py":  # python -m mlc_magicdec.cli
+        program = "mlc-magicdec"
+    return shlex.join([program, *sys.argv[1:]])
 
 
 def check_output_folder(path: str | Path | None) -> None:
