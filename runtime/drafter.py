@@ -10,6 +10,7 @@ Two kinds, one interface:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,7 +41,7 @@ def snapkv_scores(runner: ModelRunner, sequences: Sequence[SequenceState]) -> di
     return {r.seq_id: scores[:, row] for row, r in enumerate(sequences)}
 
 
-class Drafter:
+class Drafter(ABC):
     """Drafts through ``runner``'s ``draft`` function over compressed views of its pool."""
 
     owns_pool: bool  # whether it has a pool of its own (to reserve, prefill and release with the target's)
@@ -48,17 +49,18 @@ class Drafter:
     def __init__(self, runner: ModelRunner):
         self.runner = runner
 
+    @abstractmethod
     def cost_model(self) -> cm.Draft:
         """How the cost model sees this drafter."""
-        raise NotImplementedError
 
+    @abstractmethod
     def after_plain_step(self, r: SequenceState, committed: int) -> None:
         """The target committed ``committed`` tokens of ``r`` in a plain step."""
 
+    @abstractmethod
     def after_verify(self, r: SequenceState, committed: int, kept: int, accepted: int, gamma: int) -> None:
         """A round of ``gamma`` drafts for ``r`` from ``committed`` tokens accepted ``accepted`` of them and
         kept ``kept`` tokens (the accepted ones and the target's next, up to EOS or the limit)."""
-        raise NotImplementedError
 
     def build_views(self, sequences: Sequence[SequenceState], batch: PrefilledBatch) -> None:
         """After prefill: each sequence's compressed view (SnapKV scores its prompt's last window on the
@@ -143,6 +145,9 @@ class ModelDrafter(Drafter):
     def cost_model(self) -> cm.Draft:
         a = self.runner.artifact
         return cm.Draft(cm.ModelSpec(a.model, cm.DTYPE_BYTES[a.dtype], a.path.name))
+
+    def after_plain_step(self, r: SequenceState, committed: int) -> None:
+        pass  # its own KV catches up in the next round: the first draft step feeds what it has not seen
 
     def after_verify(self, r: SequenceState, committed: int, kept: int, accepted: int, gamma: int) -> None:
         # its KV is valid for the tokens it drafted from that were accepted
