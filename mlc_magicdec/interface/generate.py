@@ -12,7 +12,7 @@ from ..bench import report
 from ..compile.build import artifact_cache, compile_model
 from ..compile.fetch import DEFAULT_MODEL, fetch_model
 from ..manifest import Manifest, ManifestError
-from ..runtime.engine import MAX_GAMMA, Engine, GenerationResult
+from ..runtime.engine import DEFAULT_GAMMA, Engine, GenerationResult, SpecSettings
 from ..texts import DEMO_CHAPTERS, demo_prompt
 from .console import results, status
 
@@ -73,8 +73,9 @@ def demo(
     with status.status("loading artifact"):
         engine = Engine(artifact, threads=threads)
     prompt = demo_prompt()
+    max_gamma = SpecSettings(gamma=speculation.get("gamma", DEFAULT_GAMMA)).prefill_gamma()
     with status.status("prefilling the prompt"):
-        batch = engine.prefill([prompt], max_new_tokens=max_new_tokens, max_gamma=MAX_GAMMA)
+        batch = engine.prefill([prompt], max_new_tokens=max_new_tokens, max_gamma=max_gamma)
     with batch:
         status.print(
             f"prompt: Pride and Prejudice, chapters 1-{DEMO_CHAPTERS} ({len(batch.prompts[0])} tokens), "
