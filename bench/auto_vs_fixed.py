@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from rich.table import Table
 
+from ..constants import DEFAULT_DRAFT
 from ..runtime.autospec import AUTO
 from ..runtime.engine import Engine
 from .magicdec import prompts_for
@@ -28,7 +29,7 @@ class AutoBenchConfig:
     contexts: Sequence[int]
     gammas: Sequence[int]
     budgets: Sequence[int]
-    draft: str = "snapkv"
+    draft: str = DEFAULT_DRAFT
     new_tokens: int = 64
     repeats: int = 3
 

@@ -12,5 +12,6 @@ PAGE_SIZE = 16  # token slots per KV page (the stock TVM paged kernels also requ
 QUERY_TILE = 16  # most tokens in one query tile of the attention op
 KV_TENSORS = 2  # keys and values
 DRAFT_KINDS = ("streamingllm", "snapkv")  # the compressed views a self-draft attends through
+DEFAULT_DRAFT = "snapkv"  # the view used when neither the caller nor the artifact names one
 GPU_TARGETS = ("cuda", "metal", "vulkan")
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}

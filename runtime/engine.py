@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..constants import PAGE_SIZE
+from ..constants import DEFAULT_DRAFT, PAGE_SIZE
 from .artifact import Artifact, ArtifactError
 from .autospec import Acceptance, AutoPolicy
 from .drafter import Drafter, ModelDrafter, SelfDrafter
@@ -22,7 +22,7 @@ from .kv import PagePool
 from .runner import ModelRunner
 from .sampling import SamplingParams, probs_from_logits, sample, verify_greedy, verify_rejection
 from .sequences import GenerationResult, GenerationStats, PrefilledBatch, SequenceState
-from .speculation import DEFAULT_GAMMA, MAX_GAMMA, RequestError, SpecSettings, Speculation
+from .speculation import DEFAULT_GAMMA, MAX_GAMMA, RequestError, SpecSettings
 from .threads import configure_threads
 from .views import DraftSettings, pack_views
 
@@ -257,7 +257,7 @@ class Engine:
 
     def default_draft(self) -> str:
         """The draft view the artifact was compiled for (its first ``--draft``), else SnapKV."""
-        return (self.artifact.config.drafts or ["snapkv"])[0]
+        return (self.artifact.config.drafts or [DEFAULT_DRAFT])[0]
 
     def default_budget(self) -> int:
         """The artifact's draft budget, else DEFAULT_BUDGET, but never more than half the context window."""
@@ -434,7 +434,9 @@ class Engine:
             spec = settings.check(
                 len(requests), batch.max_gamma, self.config.context_window, self.default_budget()
             )
-        policy = self._auto_policy(spec) if spec is not None and spec.auto else None
+        policy = None
+        if spec is not None and spec.auto:
+            policy = AutoPolicy.calibrated(self, self.drafter.cost_model(), spec.gammas, spec.budgets)
         stats = GenerationStats(prefill_seconds=batch.prefill_seconds)
         for r in requests:
             r.draft_len = len(r.prompt)
@@ -467,9 +469,6 @@ class Engine:
             )
             for r in requests
         ]
-
-    def _auto_policy(self, spec: Speculation) -> AutoPolicy:
-        return AutoPolicy.calibrated(self, self.drafter.cost_model(), spec.gammas, spec.budgets)
 
     def generate(
         self,

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..constants import DEFAULT_DRAFT
 from ..errors import UserError
 from .autospec import AUTO_BUDGETS, AUTO_MAX_GAMMA, is_auto
 from .views import DRAFT_KINDS, DraftSettings
@@ -44,7 +45,7 @@ class SpecSettings:
     "auto"); ``draft_settings`` gives every view parameter instead (one, or one per prompt).
     """
 
-    draft: str = "snapkv"
+    draft: str = DEFAULT_DRAFT
     budget: int | Sequence[int] | str | None = None
     gamma: int | str = DEFAULT_GAMMA
     draft_settings: DraftSettings | Sequence[DraftSettings] | None = None
@@ -65,11 +66,10 @@ class SpecSettings:
     def check(self, sequences: int, max_gamma: int, context_window: int, default_budget: int) -> Speculation:
         """The settings for ``sequences`` prompts prefilled for rounds of up to ``max_gamma`` drafts, or a
         one-line ``RequestError`` saying what is wrong (before anything runs)."""
-        spec = self._automatic(max_gamma, context_window, default_budget) if self.auto else None
-        if spec is None:
+        if self.auto:
+            spec = self._automatic(sequences, max_gamma, context_window, default_budget)
+        else:
             spec = self._fixed(sequences, default_budget)
-        elif len(spec.drafts) == 1:
-            spec = dataclasses.replace(spec, drafts=spec.drafts * sequences)
         for settings in spec.drafts:
             try:
                 settings.validate(context_window)
@@ -101,7 +101,9 @@ class SpecSettings:
             raise RequestError(f"got {len(settings)} draft budgets or settings for {sequences} prompts")
         return Speculation(list(settings), (int(gamma),), tuple(s.budget for s in settings), auto=False)
 
-    def _automatic(self, max_gamma: int, context_window: int, default_budget: int) -> Speculation:
+    def _automatic(
+        self, sequences: int, max_gamma: int, context_window: int, default_budget: int
+    ) -> Speculation:
         if self.draft_settings is not None:
             raise RequestError("draft_settings fix the budget; use budget='auto' or draft_settings, not both")
         if max_gamma < 1:
@@ -126,4 +128,4 @@ class SpecSettings:
             budgets = tuple(k for k in AUTO_BUDGETS if k < context_window // 2) or (default_budget,)
         else:
             budgets = (int(self.budget or default_budget),)
-        return Speculation([DraftSettings(self.draft, budgets[0])], gammas, budgets, auto=True)
+        return Speculation([DraftSettings(self.draft, budgets[0])] * sequences, gammas, budgets, auto=True)

@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from ..constants import DRAFT_KINDS
+from ..constants import DEFAULT_DRAFT, DRAFT_KINDS
 
 DEFAULT_SINK = 4  # StreamingLLM attention sinks
 DEFAULT_WINDOW = 32  # SnapKV observation window (and its recent window during generation)
@@ -30,7 +30,7 @@ DEFAULT_BUDGET = 512  # KV entries the draft attends to
 class DraftSettings:
     """How one request's draft compresses its KV."""
 
-    kind: str = "snapkv"
+    kind: str = DEFAULT_DRAFT
     budget: int = DEFAULT_BUDGET
     sink: int = DEFAULT_SINK
     window: int = DEFAULT_WINDOW

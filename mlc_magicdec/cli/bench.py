@@ -6,9 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..constants import DRAFT_KINDS
+from ..constants import DEFAULT_DRAFT, DRAFT_KINDS
 from .options import (
-    DEFAULT_DRAFT,
     artifact_argument,
     batch_context_options,
     budget_option,

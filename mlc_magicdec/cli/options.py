@@ -10,10 +10,8 @@ from pathlib import Path
 
 import click
 
-from ..constants import DRAFT_KINDS
+from ..constants import DEFAULT_DRAFT, DRAFT_KINDS
 from ..errors import UserError, one_line
-
-DEFAULT_DRAFT = "snapkv"
 
 
 def one_line_errors(fn: Callable) -> Callable:
