@@ -19,6 +19,7 @@ from ..constants import DEFAULT_DRAFT
 from ..runtime.autospec import AUTO
 from ..runtime.engine import Engine
 from .magicdec import prompts_for
+from .report import decode_rate
 
 PLAIN = "plain"
 
@@ -60,8 +61,7 @@ def run_cell(engine: Engine, prompts: list[list[int]], cfg: AutoBenchConfig) -> 
                 elif tokens != reference:
                     raise AssertionError(f"{name} changed the greedy output")
                 stats = results[0].stats
-                decoded = sum(len(t) - 1 for t in tokens)  # the first token comes from prefill
-                times[name].append(decoded / stats.decode_seconds)
+                times[name].append(decode_rate(results))
                 if name == AUTO:
                     for _, g, k in stats.auto_choices:
                         key = PLAIN if g == 0 else f"g{g}/k{k}"
