@@ -10,6 +10,7 @@ from typing import Any
 from rich.table import Table
 
 from ..runtime.costmodel import (
+    MEASURED_CPU,
     AlphaSource,
     Draft,
     Hardware,
@@ -21,16 +22,32 @@ from ..runtime.costmodel import (
 MS = 1e3  # seconds -> milliseconds
 PLOT_POINTS = 48  # contexts per speedup curve
 
+# The cost model's modes, as ``plan`` names them
+IDEAL = "ideal: peak rates, no fixed costs"
+REALISTIC = "realistic: achieved rates, kernel launches, all-reduces and round costs fitted on 8xH100"
+MEASURED = "measured: this machine's bandwidth and FLOP/s"
+CALIBRATED = "calibrated: rates fitted to the artifact's steps timed here"
+
+
+def planning_mode(hw: Hardware, ideal: bool) -> tuple[Hardware, str]:
+    """The hardware ``plan`` uses and the name of its mode: ``hw.ideal()`` with ``ideal``; otherwise ``hw``,
+    a GPU preset's realistic terms or a machine measured now."""
+    if ideal:
+        return hw.ideal(), IDEAL
+    return hw, (MEASURED if hw.name == MEASURED_CPU else REALISTIC)
+
 
 def plans_to_dict(
-    model: ModelSpec, hw: Hardware, draft: Draft, alpha: AlphaSource, plans: Sequence[Plan]
+    model: ModelSpec, hw: Hardware, draft: Draft, alpha: AlphaSource, plans: Sequence[Plan], mode: str
 ) -> dict[str, Any]:
-    """Everything ``plan --json`` prints: the model, hardware, draft, acceptance and one plan per cell."""
+    """Everything ``plan --json`` prints: the mode, model, hardware, draft, acceptance and one plan per
+    cell."""
     if isinstance(alpha, Mapping):
         alpha_out: Any = {str(k): a for k, a in alpha.items()}
     else:
         alpha_out = alpha if isinstance(alpha, float) else repr(alpha)
     return {
+        "mode": mode,
         "model": model.to_dict(),
         "hardware": hw.to_dict(),
         "draft": draft.to_dict(),
@@ -39,7 +56,7 @@ def plans_to_dict(
     }
 
 
-def plans_table(model: ModelSpec, hw: Hardware, draft: Draft, plans: Sequence[Plan]) -> Table:
+def plans_table(model: ModelSpec, hw: Hardware, draft: Draft, plans: Sequence[Plan], mode: str) -> Table:
     """One row per (batch, context): times in ms, speedup per gamma, best setting, critical length."""
     gammas = list(plans[0].speedups) if plans else []
     drafter = (
@@ -47,7 +64,7 @@ def plans_table(model: ModelSpec, hw: Hardware, draft: Draft, plans: Sequence[Pl
     )
     table = Table(
         title=(
-            f"MagicDec roofline: {model.name} ({model.param_count / 1e9:.2f}B params, "
+            f"MagicDec cost model ({mode}): {model.name} ({model.param_count / 1e9:.2f}B params, "
             f"{model.dtype_bytes} bytes/element) on {hw.name}; draft: {drafter}; times in ms"
         )
     )
@@ -82,6 +99,7 @@ def plot_plans(
     budgets: Iterable[int] | None,
     gammas: Iterable[int],
     path: Path,
+    mode: str,
 ) -> None:
     """PNG: predicted speedup (best gamma and budget) against context, one curve per batch size."""
     import matplotlib
@@ -108,7 +126,7 @@ def plot_plans(
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("predicted speedup (best gamma, budget)")
-    ax.set_title(f"MagicDec roofline: {model.name} on {hw.name}")
+    ax.set_title(f"MagicDec: {model.name} on {hw.name} ({mode.split(':')[0]})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -203,7 +203,8 @@ class AutoPolicy:
             alphas = [a.alpha(k) for a in acceptance]
             for g in self.gammas:
                 tokens = sum(cm.omega(g, a) for a in alphas)
-                out.append(Choice(g, k, tokens / (g * t_d + self.costs.verify(batch, context, g))))
+                seconds = g * t_d + self.costs.verify(batch, context, g) + self.costs.hardware.round_s
+                out.append(Choice(g, k, tokens / seconds))
         return out
 
     def choose(self, contexts: Sequence[int], acceptance: Sequence[Acceptance]) -> Choice:

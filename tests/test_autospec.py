@@ -89,8 +89,9 @@ def test_fit_needs_enough_positive_samples():
 def test_additive_step_time_by_hand():
     roofline = cm.Hardware("toy", bandwidth=100.0, peak_flops=10.0, overhead_s=1.0, attention_flops=5.0)
     hw = dataclasses.replace(roofline, overlap=False)
-    assert cm.step_time(hw, 200.0, 30.0, 10.0) == pytest.approx(1.0 + 2.0 + 3.0 + 2.0)
-    assert cm.step_time(roofline, 200.0, 30.0, 10.0) == pytest.approx(1.0 + max(2.0, 3.0 + 2.0))
+    work = cm.StepWork(200.0, 30.0, 10.0)
+    assert cm.work_time(hw, work) == pytest.approx(1.0 + 2.0 + 3.0 + 2.0)
+    assert cm.work_time(roofline, work) == pytest.approx(1.0 + max(2.0, 3.0 + 2.0))
 
 
 def test_calibration_round_trips_through_json(tmp_path, monkeypatch):

@@ -55,7 +55,7 @@ TOY_HW = cm.Hardware("toy", bandwidth=1000.0, peak_flops=10_000.0)  # 1000 B/s, 
 W, KV, ATT, P = 696, 16, 32, 348
 LLAMA_8B = cm.load_model("llama-3.1-8b")
 LLAMA_1B = cm.load_model("llama-3.2-1b")
-A100X8 = cm.parse_hardware("8xA100")
+A100X8 = cm.parse_hardware("8xA100").ideal()  # the paper-style roofline; the realistic mode: test_published
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -341,30 +341,23 @@ def _plan(*args: str):
     return CliRunner().invoke(main, ["plan", *args])
 
 
-def test_cli_plan_json():
-    result = _plan(
-        "--model",
-        "llama-3.1-8b",
-        "--hardware",
-        "8xA100",
-        "--batch",
-        "1,64,256",
-        "--context",
-        "1024,32768,131072",
-        "--alpha",
-        "0.9",
-        "--json",
-    )
+@pytest.mark.parametrize("ideal", [True, False])
+def test_cli_plan_json(ideal):
+    args = ["--model", "llama-3.1-8b", "--hardware", "8xA100", "--batch", "1,64,256"]
+    args += ["--context", "1024,32768,131072", "--alpha", "0.9", "--json"]
+    result = _plan(*args, *(["--ideal"] if ideal else []))
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
+    assert data["mode"].startswith("ideal" if ideal else "realistic")
     assert data["model"]["params"] == LLAMA_8B.param_count
     assert data["hardware"]["devices"] == 8
+    hw = A100X8 if ideal else cm.parse_hardware("8xA100")
     plans = data["plans"]
     assert [(p["batch"], p["context"]) for p in plans] == [
         (b, c) for b in (1, 64, 256) for c in (1024, 32768, 131072)
     ]
     for p in plans:
-        expected = cm.best_plan(LLAMA_8B, A100X8, p["batch"], p["context"], 0.9)
+        expected = cm.best_plan(LLAMA_8B, hw, p["batch"], p["context"], 0.9)
         assert p["speedup"] == pytest.approx(expected.speedup)
         assert (p["gamma"], p["budget"], p["critical_length"]) == (
             expected.gamma,

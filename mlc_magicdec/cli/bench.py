@@ -1,4 +1,4 @@
-"""``bench grid|peers|roofline|profile|auto``: the benchmarks, one subcommand each."""
+"""``bench grid|peers|roofline|profile|auto|published``: the benchmarks, one subcommand each."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ budget_gamma_options = group(
 
 @click.group("bench")
 def bench() -> None:
-    """Benchmarks: the MagicDec grid, peers, the roofline, a kernel profile, auto against fixed settings."""
+    """Benchmarks: the MagicDec grid, peers, the roofline, a kernel profile, auto against fixed settings, and
+    the cost model against MagicDec's published GPU figures."""
 
 
 @bench.command("grid")
@@ -157,3 +158,13 @@ def auto_cmd(artifact: Path, texts, threads, json_path, **config) -> None:
     from ..interface.bench import auto_against_fixed
 
     auto_against_fixed(artifact, AutoBenchConfig(**config), texts=texts, threads=threads, json_path=json_path)
+
+
+@bench.command("published")
+@json_option
+@one_line_errors
+def published_cmd(json_path) -> None:
+    """The cost model against MagicDec's published 8xH100 figures: fit the GPU terms, report every error."""
+    from ..interface.bench import compare_published
+
+    compare_published(json_path=json_path)

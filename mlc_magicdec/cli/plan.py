@@ -43,6 +43,12 @@ from .options import batch_context_options, budget_option, gamma_option, one_lin
     help="rtx4090, a100-80gb, h100-sxm, h200, m2-max, m3-max; prefix Nx for N devices (8xA100); cpu: this "
     "machine's CPU, its bandwidth and FLOP/s measured now.",
 )
+@click.option(
+    "--ideal",
+    is_flag=True,
+    help="The paper-style analysis: peak bandwidth and FLOP/s, no launches, all-reduces or round costs "
+    "[default: realistic, the preset's fitted terms].",
+)
 @batch_context_options("1,8,64", "4096,32768")
 @click.option(
     "--alpha",
@@ -66,7 +72,7 @@ from .options import batch_context_options, budget_option, gamma_option, one_lin
     type=float,
     default=0.0,
     show_default=True,
-    help="Fixed cost per forward step in microseconds (launches, all-reduces).",
+    help="Extra fixed cost per forward step in microseconds, on top of the preset's own.",
 )
 @click.option(
     "--json",
@@ -96,7 +102,7 @@ def plan_cmd(
     draft_kv: str,
     **options,
 ) -> None:
-    """Predict T_T, T_D, T_V, speedup, the best gamma and budget, and the critical length (roofline)."""
+    """Predict T_T, T_D, T_V, speedup, the best gamma and budget, and the critical length."""
     from ..interface import plan
 
     calibrated = None

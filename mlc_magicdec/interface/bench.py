@@ -1,4 +1,4 @@
-"""``bench grid|peers|roofline|profile|auto``: run one benchmark, print its tables, write its JSON.
+"""``bench grid|peers|roofline|profile|auto|published``: run one benchmark, print its tables, write its JSON.
 
 Every table is printed under a header naming the command, model, target, dtype and threads.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..bench import auto_vs_fixed, magicdec, peers, profile, report, roofline
+from ..bench import auto_vs_fixed, magicdec, peers, profile, published, published_report, report, roofline
 from ..constants import DTYPE_BYTES
 from ..fileio import atomic_write_json
 from ..runtime.artifact import Artifact
@@ -171,6 +171,19 @@ def auto_against_fixed(
     comparison = auto_vs_fixed.run(engine, _texts(texts), config, progress=progress)
     comparison["header"] = header
     results.print(auto_vs_fixed.table(comparison))
+    if json_path:
+        atomic_write_json(json_path, comparison)
+    return comparison
+
+
+def compare_published(*, json_path: Path | None = None) -> dict:
+    """The cost model against MagicDec's published GPU figures: the fitted terms, the presets, errors on
+    tables A-D, critical lengths, minimum acceptance rates and the memory check."""
+    check_output_folder(json_path)
+    results.print(f"command: {command_line()} | figures: {published.DATA_FILE}", highlight=False)
+    comparison = published.compare(published.load())
+    for table in published_report.tables(comparison):
+        results.print(table)
     if json_path:
         atomic_write_json(json_path, comparison)
     return comparison

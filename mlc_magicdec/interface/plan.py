@@ -98,6 +98,7 @@ def plan(
     space: PlanSpace,
     *,
     hardware: str = "rtx4090",
+    ideal: bool = False,
     overhead_us: float = 0.0,
     calibrated: Calibrate | None = None,
     draft: DraftChoice = DraftChoice(),
@@ -108,23 +109,29 @@ def plan(
     """The best plan per (batch, context): T_T, T_D, T_V, speedup, gamma, budget and the critical length.
 
     ``model`` is an artifact, an HF config or a built-in name; ``hardware`` a preset (``cpu``: this machine,
-    measured now) with ``overhead_us`` per forward step, unless ``calibrated`` fits the rates of its
-    artifact (then the model is that artifact, its measured acceptance curve is used when ``space`` gives
-    none, and the calibration goes into the JSON). Prints a table, or the JSON alone when ``json_out`` is
-    ``"-"`` (with a path: the table, and the JSON written there).
+    measured now) with its fitted fixed costs and efficiencies, or, with ``ideal``, the paper-style
+    analysis of it (peak rates, no fixed costs); ``overhead_us`` is added per forward step. ``calibrated``
+    instead fits the rates of its artifact (then the model is that artifact, its measured acceptance curve
+    is used when ``space`` gives none, and the calibration goes into the JSON). Prints a table, or the JSON
+    alone when ``json_out`` is ``"-"`` (with a path: the table, and the JSON written there).
     """
     for path in (json_out, plot_path):
         check_output_folder(path)
     check = None
     if calibrated is not None:
-        if model is not None:
-            raise UserError("--calibrate plans for the artifact it times; leave out --model")
+        if model is not None or ideal:
+            raise UserError(
+                "--calibrate plans for the artifact it times on its measured rates; leave out "
+                "--model and --ideal"
+            )
         check = calibrate(calibrated, quiet=json_out == "-")
-        model, hw = str(calibrated.artifact), check.calibration.hardware
+        model, hw, mode = str(calibrated.artifact), check.calibration.hardware, plan_report.CALIBRATED
     elif model is None:
         raise UserError("give --model (or --calibrate ARTIFACT)")
     else:
-        hw = dataclasses.replace(cm.parse_hardware(hardware, this_cpu), overhead_s=overhead_us * US)
+        hw = cm.parse_hardware(hardware, this_cpu)
+        hw, mode = plan_report.planning_mode(hw, ideal)
+        hw = dataclasses.replace(hw, overhead_s=hw.overhead_s + overhead_us * US)
     spec = cm.load_model(model, dtype)
     measured = check.calibration.acceptance if check else None
     alpha = measured if space.alpha is None and measured else cm.parse_alpha(space.alpha or DEFAULT_ALPHA)
@@ -136,14 +143,16 @@ def plan(
     ]
     predictions = {
         **(check.to_dict() if check else {}),
-        **plan_report.plans_to_dict(spec, hw, draft_spec, alpha, plans),
+        **plan_report.plans_to_dict(spec, hw, draft_spec, alpha, plans, mode),
     }
     if json_out == "-":
         click.echo(json.dumps(predictions, indent=2))
     else:
-        results.print(plan_report.plans_table(spec, hw, draft_spec, plans))
+        results.print(plan_report.plans_table(spec, hw, draft_spec, plans, mode))
         if json_out:
             atomic_write_json(Path(json_out), predictions)
     if plot_path:
-        plan_report.plot_plans(spec, hw, draft_spec, alpha, plans, space.budgets, space.gammas, plot_path)
+        plan_report.plot_plans(
+            spec, hw, draft_spec, alpha, plans, space.budgets, space.gammas, plot_path, mode
+        )
     return predictions

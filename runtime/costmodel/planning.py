@@ -34,11 +34,12 @@ def omega(gamma: int, alpha: float) -> float:
     return math.fsum(alpha**i for i in range(gamma + 1))
 
 
-def t_sd(gamma: int, t_d: float, t_v: float, accepted_length: float) -> float:
-    """``T_SD = (gamma * T_D + T_V) / accepted_length``: time per generated token with speculation."""
+def t_sd(gamma: int, t_d: float, t_v: float, accepted_length: float, round_s: float = 0.0) -> float:
+    """``T_SD = (gamma * T_D + T_V + round_s) / accepted_length``: time per generated token with
+    speculation; ``round_s`` is the hardware's fixed cost per round (``Hardware.round_s``)."""
     if accepted_length <= 0:
         raise CostModelError(f"accepted length must be positive, got {accepted_length}")
-    return (gamma * t_d + t_v) / accepted_length
+    return (gamma * t_d + t_v + round_s) / accepted_length
 
 
 def speedup(
@@ -55,7 +56,7 @@ def speedup(
     tt = t_target(model, hw, batch, context)
     td = t_draft(model, hw, batch, budget, context, draft)
     tv = t_verify(model, hw, batch, context, gamma)
-    return tt / t_sd(gamma, td, tv, omega(gamma, alpha))
+    return tt / t_sd(gamma, td, tv, omega(gamma, alpha), hw.round_s)
 
 
 def _best_speedup(model, hw, batch, context, gammas, alpha, budget, draft) -> float:
@@ -226,17 +227,18 @@ def best_plan(
         _check_alpha(alpha)
         td = t_draft(m, hw, batch, k, context, draft)
         for g in gammas:
-            s = tt / t_sd(g, td, tv[g], omega(g, alpha))
+            s = tt / t_sd(g, td, tv[g], omega(g, alpha), hw.round_s)
             if best is None or s > best[0]:
                 best = (s, k, g)
     assert best is not None
     s, k, g = best
     alpha = alpha_at(k)
     td = t_draft(m, hw, batch, k, context, draft)
-    speedups = {gg: tt / t_sd(gg, td, tv[gg], omega(gg, alpha)) for gg in gammas}
+    speedups = {gg: tt / t_sd(gg, td, tv[gg], omega(gg, alpha), hw.round_s) for gg in gammas}
     critical = (
         critical_sequence_length(m, hw, batch, alpha, budget=k, draft=draft, gammas=gammas)
         if with_critical_length
         else None
     )
-    return Plan(batch, context, tt, k, alpha, td, tv, speedups, g, s, critical, fits(m, hw, batch, context))
+    memory = fits(m, hw, batch, context, draft, k)
+    return Plan(batch, context, tt, k, alpha, td, tv, speedups, g, s, critical, memory)

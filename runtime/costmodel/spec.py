@@ -16,6 +16,16 @@ from .hardware import ATTENTION_FLOPS_PER_ENTRY, DEFAULT_DTYPE, HF_CONFIG_NAME, 
 # ------------------------------------------------------------------------------------------------------
 # Model sizes
 
+# Kernels a decode step launches: per layer 2 RMSNorms, the QKV projection, RoPE, the KV append, attention,
+# the output projection, 2 residual adds, the gate-up projection, SiLU-and-multiply and the down projection;
+# per step the embedding, the final norm, the lm_head and sampling.
+KERNELS_PER_LAYER = 12
+KERNELS_PER_STEP = 4
+# Tensor parallelism (Megatron-style, as MagicDec's gpt-fast code shards): an all-reduce of the hidden
+# state after the attention's output projection and after the MLP's down projection, and an all-gather of
+# the vocab-parallel lm_head's logits.
+ALLREDUCES_PER_LAYER = 2
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
@@ -68,6 +78,26 @@ class ModelSpec:
         """``4 * layers * heads * head_dim``: attention FLOPs of one query token over one KV position."""
         c = self.config
         return ATTENTION_FLOPS_PER_ENTRY * c.num_layers * c.num_heads * c.head_dim
+
+    @property
+    def kernels_per_step(self) -> int:
+        """``12 * layers + 4``: kernels one forward step launches (``KERNELS_PER_LAYER``)."""
+        return KERNELS_PER_LAYER * self.config.num_layers + KERNELS_PER_STEP
+
+    @property
+    def allreduces_per_step(self) -> int:
+        """``2 * layers``: all-reduces of the hidden state per forward step with tensor parallelism."""
+        return ALLREDUCES_PER_LAYER * self.config.num_layers
+
+    @property
+    def hidden_bytes_per_token(self) -> int:
+        """Bytes of one token's hidden state: what each all-reduce sums per token."""
+        return self.config.hidden_size * self.dtype_bytes
+
+    @property
+    def logit_bytes_per_token(self) -> int:
+        """Bytes of one token's logits: what the lm_head's all-gather collects per token."""
+        return self.config.vocab_size * self.dtype_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return {
