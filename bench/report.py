@@ -239,3 +239,18 @@ def comparison_table(
             f"{rate / base:.2f}x" if rate and base else "-",
         )
     return table
+
+
+def resources_table(artifact: str, resources: dict) -> Table:
+    """Per CUDA kernel and arch: registers, shared memory, stack and spills, as ptxas allotted them."""
+    table = Table(title=f"CUDA kernel resources of {artifact} (ptxas -v at compile time)")
+    for col in ("kernel", "arch", "registers", "shared bytes", "stack bytes", "spill stores", "spill loads"):
+        table.add_column(col, justify="left" if col == "kernel" else "right")
+    rows = sorted(
+        ((name, arch, k) for arch, kernels in resources.items() for name, k in kernels.items()),
+        key=lambda r: (-r[2]["registers"], r[0], r[1]),
+    )
+    for name, arch, k in rows:
+        cells = (k["registers"], k["shared_bytes"], k["stack_bytes"], k["spill_stores"], k["spill_loads"])
+        table.add_row(name, arch, *(str(c) for c in cells))
+    return table

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -27,7 +28,7 @@ from ..errors import UserError
 from ..hashing import file_sha256
 from ..manifest import Manifest
 from ..schedules import relax_pipeline
-from . import cuda
+from . import cuda, opencl
 from .config import ModelConfig
 from .convert import convert
 from .loaders import load_model
@@ -89,29 +90,42 @@ def entry_kernels(mod: tvm.IRModule) -> dict[str, list[str]]:
     return kernels
 
 
-def build_library(mod, preset: TargetPreset, folder: Path) -> dict:
+def build_library(mod, preset: TargetPreset, folder: Path, kernel_prefix: str = "") -> dict:
     """Compile the Relax module with the target's schedules and write the library into ``folder``.
 
     Returns what the artifact config records about it: the library's name, the kernels of each entry point,
-    and for CUDA the fatbin (compiled here with nvcc) and the hash of the CUDA source it was compiled from.
+    for CUDA the fatbin (compiled here with nvcc), the hash of the CUDA source it was compiled from and each
+    kernel's registers, shared memory and spills per arch (the build fails on spills or too much shared), and
+    for PoCL the kernel table (``compile.opencl``; its kernels are renamed with ``kernel_prefix``).
     """
-    gpu = preset.kind in GPU_TARGETS
+    gpu = preset.schedules in GPU_TARGETS
     # TIR's common-subexpression elimination hides from TVM's barrier planner that the GPU attention
     # kernels' shared-memory indices depend on threadIdx (see schedules.gpu_attention); nvcc and Metal do
     # their own CSE.
     config = {"tirx.disable_cse_tir": True} if gpu else {}
+    pocl = preset.codegen is not None
     with tvm.transform.PassContext(config=config):
         with preset.target:
-            mod = relax_pipeline(preset.target)(mod)
+            mod = relax_pipeline(preset.target, kernel_prefix)(mod)
         if gpu:
             from ..schedules.gpu import raise_for_unbound
 
             raise_for_unbound(mod)
-        executable = relax.build(mod, target=preset.target, relax_pipeline=None)
+        if pocl:
+            with opencl.recording_kernels() as table:
+                built = opencl.without_targets(mod)
+                executable = relax.build(built, target=preset.codegen, relax_pipeline=None)
+            opencl.drop_opencl_modules(executable.mod)
+        else:
+            executable = relax.build(mod, target=preset.target, relax_pipeline=None)
     info = {"library": library_name(preset), "kernels": entry_kernels(mod)}
+    if pocl:
+        info["kernel_table"] = opencl.write_kernel_table(table, folder)
     if preset.kind == "cuda":
         source = cuda.cuda_source(executable.mod)
         (folder / FATBIN_NAME).write_bytes(cuda.compile_fatbin(source, preset.archs, preset.target))
+        info["resources"] = cuda.resource_usage(source, preset.archs)
+        cuda.check_resources(info["resources"])
         info["fatbin"] = FATBIN_NAME
         info["cuda_source_sha256"] = hashlib.sha256(source.encode()).hexdigest()
     executable.export_library(str(folder / info["library"]))
@@ -144,6 +158,8 @@ def compile_model(
     dtype = dtype or preset.default_dtype
     if dtype not in ("float32", "float16"):
         raise CompileError(f"unsupported dtype {dtype!r}; use float32 or float16")
+    if preset.codegen is not None and dtype != "float32":
+        raise CompileError(f"--target pocl runs float32 only (PoCL has no fp16 here), not {dtype}")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     timings: dict[str, float] = {}
@@ -174,7 +190,8 @@ def compile_model(
                     show_progress=False,
                 )
             with step(f"building library for {preset.kind}"):
-                library = build_library(mod, preset, tmp)
+                prefix = f"k{hashlib.sha256(json.dumps(cfg.to_dict()).encode()).hexdigest()[:8]}_"
+                library = build_library(mod, preset, tmp, prefix if preset.codegen is not None else "")
             (tmp / TOKENIZER_NAME).write_text(loaded.tokenizer_json)
             Manifest(
                 model=cfg.to_dict(),
@@ -185,7 +202,7 @@ def compile_model(
                 hashes={
                     "library": file_sha256(tmp / library["library"]),
                     "weights": file_sha256(tmp / "tensor-cache.json"),
-                    **({"fatbin": file_sha256(tmp / library["fatbin"])} if "fatbin" in library else {}),
+                    **{k: file_sha256(tmp / library[k]) for k in ("fatbin", "kernel_table") if k in library},
                 },
                 version=__version__,
                 drafts=list(drafts),

@@ -10,12 +10,17 @@ is needed where the artifact runs.
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import tvm
 from tvm.target import Target
 
 from ..errors import UserError, one_line
+from ..schedules.gpu_attention import CUDA_STATIC_SHARED
 
 CUDA_SOURCE_FORMAT = "cuda"  # the kind of the library's imported module that holds the kernels' source
 
@@ -75,3 +80,69 @@ def _first_error(message: str) -> str:
         if "error" in line.lower():
             return one_line(line)
     return one_line(output)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Static resources: what ptxas allots each kernel, checked without a GPU
+
+_KERNEL = re.compile(r"Compiling entry function '(\w+)' for '(\w+)'")
+_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers(?:.*?, (\d+) bytes smem)?")
+
+
+def resource_usage(source: str, archs: tuple[str, ...]) -> dict[str, dict[str, dict[str, int]]]:
+    """``{arch: {kernel: {registers, shared_bytes, stack_bytes, spill_stores, spill_loads}}}`` as ptxas
+    reports them (``nvcc -cubin -Xptxas -v``) for each arch; raises CudaCompileError (one line)."""
+    usage = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cu = Path(tmp) / "kernels.cu"
+        cu.write_text(source)
+        for arch in archs:
+            cmd = [
+                "nvcc",
+                "-cubin",
+                f"-arch={arch}",
+                "-Xptxas",
+                "-v",
+                "-o",
+                str(Path(tmp) / "k.cubin"),
+                str(cu),
+            ]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise CudaCompileError(f"ptxas rejected the kernels for {arch}: {_first_error(done.stderr)}")
+            usage[arch] = parse_ptxas(done.stderr)
+    return usage
+
+
+def parse_ptxas(report: str) -> dict[str, dict[str, int]]:
+    """Per kernel, the registers, shared memory, stack and spills of a ``ptxas -v`` report."""
+    kernels: dict[str, dict[str, int]] = {}
+    current = None
+    for line in report.splitlines():
+        if m := _KERNEL.search(line):
+            current = kernels.setdefault(m.group(1), {})
+        elif current is not None and (m := _SPILLS.search(line)):
+            current.update(
+                stack_bytes=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3))
+            )
+        elif current is not None and (m := _USED.search(line)):
+            current.update(registers=int(m.group(1)), shared_bytes=int(m.group(2) or 0))
+    return kernels
+
+
+def check_resources(usage: dict[str, dict[str, dict[str, int]]]) -> None:
+    """Fail the build (one line) if a kernel spills registers or uses more shared memory than its arch."""
+    for arch, kernels in usage.items():
+        for name, k in kernels.items():
+            if k.get("spill_stores") or k.get("spill_loads"):
+                raise CudaCompileError(
+                    f"kernel {name} spills registers on {arch} ({k['spill_stores']} bytes stored, "
+                    f"{k['spill_loads']} loaded); reschedule it to use fewer registers"
+                )
+            if k.get("shared_bytes", 0) > CUDA_STATIC_SHARED:
+                raise CudaCompileError(
+                    f"kernel {name} uses {k['shared_bytes']} bytes of shared memory on {arch}, over the "
+                    f"{CUDA_STATIC_SHARED}-byte limit of static shared memory (all TVM's kernels use); "
+                    "reschedule it with smaller tiles"
+                )

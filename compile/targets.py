@@ -1,4 +1,8 @@
-"""Target presets: ``--target llvm|cuda|metal|vulkan`` to a TVM target and the device the runtime uses."""
+"""Target presets: ``--target llvm|cuda|metal|vulkan|pocl`` to a TVM target and the device the runtime uses.
+
+``pocl`` is a test target: the CUDA library's kernels, scheduled for ``DEFAULT_CUDA_ARCH`` as
+``--target cuda`` schedules them, generated as OpenCL C and run on the CPU by PoCL (``compile.opencl``).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ from tvm.target import Target
 from ..constants import GPU_TARGETS
 from ..errors import TargetError
 
-TARGETS = ("llvm", *GPU_TARGETS)
+POCL = "pocl"
+TARGETS = ("llvm", *GPU_TARGETS, POCL)
 GPU_DTYPE = "float16"  # weights and KV on GPU targets unless --dtype says otherwise
 DEFAULT_CUDA_ARCH = "sm_89"  # RTX 4090 (Ada), when no GPU is here to detect
 MIN_CUDA_ARCH = 75  # the oldest arch nvcc 13 still builds
@@ -44,7 +49,6 @@ VULKAN_MISSING = (
 )
 
 
-
 @dataclasses.dataclass(frozen=True)
 class TargetPreset:
     """A resolved target: the TVM target, the runtime device string and the default dtype."""
@@ -54,9 +58,17 @@ class TargetPreset:
     device: str  # "cpu", "cuda:0", "metal:0", "vulkan:0"
     default_dtype: str
     archs: tuple[str, ...] = ()  # CUDA: every arch of the fatbin ("sm_89", ...)
+    codegen: Target | None = None  # the target code is generated for, when not the schedules' (pocl)
+
+    @property
+    def schedules(self) -> str:
+        """The target kind whose schedules the kernels get (``cuda`` for ``pocl``)."""
+        return self.target.kind.name
 
     def describe(self) -> dict:
         info = {"kind": self.kind, "target": str(self.target), "device": self.device}
+        if self.codegen is not None:
+            info["codegen"] = str(self.codegen)
         if self.archs:
             info["archs"] = list(self.archs)
         return info
@@ -85,7 +97,7 @@ def resolve(
         raise TargetError(f"--arch applies to --target cuda only, not to --target {kind}")
     if kind == "llvm":
         return TargetPreset("llvm", host_llvm(cpu), "cpu", "float32")
-    if cpu is not None and kind in GPU_TARGETS:
+    if cpu is not None and kind in (*GPU_TARGETS, POCL):
         raise TargetError(f"--cpu applies to --target llvm only, not to --target {kind}")
     if kind == "cuda":
         archs = parse_archs(arch) if arch is not None else (detect_cuda_arch() or DEFAULT_CUDA_ARCH,)
@@ -99,6 +111,11 @@ def resolve(
         if tvm.get_global_func("target.build.vulkan", allow_missing=True) is None:
             raise TargetError(VULKAN_MISSING)
         return TargetPreset("vulkan", Target(VULKAN_ATTRS, host=_gpu_host()), "vulkan:0", GPU_DTYPE)
+    if kind == POCL:
+        from .opencl import codegen_target
+
+        target = Target({"kind": "cuda", "arch": DEFAULT_CUDA_ARCH}, host=_gpu_host())
+        return TargetPreset(POCL, target, "opencl:0", "float32", codegen=codegen_target(target.host))
     raise TargetError(f"unknown target {kind!r}; choose one of: {', '.join(TARGETS)}")
 
 

@@ -40,6 +40,8 @@ class Manifest:
     kernels: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # TIR kernels per entry point
     fatbin: str | None = None  # CUDA: the kernels' fatbin file
     cuda_source_sha256: str | None = None  # CUDA: hash of the CUDA source the fatbin was compiled from
+    kernel_table: str | None = None  # PoCL: the OpenCL kernels' table (compile.opencl)
+    resources: dict[str, Any] | None = None  # CUDA: {arch: {kernel: registers, shared, spills}} (ptxas)
     compile_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
@@ -109,7 +111,11 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         """The JSON object written to the file (optional CUDA fields only when set)."""
         data = dataclasses.asdict(self)
-        return {k: v for k, v in data.items() if not (k in ("fatbin", "cuda_source_sha256") and v is None)}
+        return {
+            k: v
+            for k, v in data.items()
+            if not (k in ("fatbin", "cuda_source_sha256", "kernel_table", "resources") and v is None)
+        }
 
     def save(self, folder: str | Path) -> Path:
         """Write the manifest into ``folder`` atomically; returns the file's path."""

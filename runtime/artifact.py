@@ -16,6 +16,7 @@ from ..compile.targets import TargetError, device_from_string
 from ..errors import UserError, one_line
 from ..hashing import file_sha256
 from ..manifest import CONFIG_NAME, Manifest, ManifestError
+from . import opencl
 from .cuda_kernels import serve_fatbin
 
 
@@ -65,6 +66,15 @@ class Artifact:
         except (ValueError, KeyError, TypeError) as e:
             raise ArtifactError(f"{cfg_path} is corrupt ({e}); compile the model again") from None
         library, hashes = path / config.library, config.hashes
+        if config.kernel_table:
+            try:
+                opencl.register(path / config.kernel_table)
+            except opencl.OpenCLUnavailable as e:
+                raise ArtifactError(f"{path} is a --target pocl artifact: {e}") from None
+            except (OSError, ValueError, KeyError) as e:
+                raise ArtifactError(
+                    f"{path / config.kernel_table} is missing or corrupt ({e}); compile again"
+                ) from None
         try:
             device = device_from_string(config.device)
         except TargetError as e:
@@ -75,8 +85,11 @@ class Artifact:
                 f"mlc-magicdec link {path}"
             )
         files = [("library", library), ("weights", path / "tensor-cache.json")]
-        if config.fatbin:
-            files.append(("fatbin", path / config.fatbin))
+        files += [
+            (name, path / file)
+            for name, file in (("fatbin", config.fatbin), ("kernel_table", config.kernel_table))
+            if file
+        ]
         for name, file in files:
             if not file.is_file():
                 raise ArtifactError(f"{file} is missing; compile the model again")

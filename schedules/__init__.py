@@ -46,8 +46,9 @@ def attention_kernels(target: Target) -> AttentionKernels:
     raise TargetError(f"no attention kernels for target {kind!r} in this release; use --target llvm")
 
 
-def relax_pipeline(target: Target):
-    """The Relax compilation pipeline (fusion plus this project's schedule rules) for ``target``."""
+def relax_pipeline(target: Target, kernel_prefix: str = ""):
+    """The Relax compilation pipeline (fusion plus this project's schedule rules) for ``target``; GPU kernels
+    are renamed with ``kernel_prefix`` if one is given."""
     kind = target.kind.name
     if kind == "llvm":
         from . import cpu
@@ -56,5 +57,5 @@ def relax_pipeline(target: Target):
     if kind in GPU_TARGETS:
         from . import gpu
 
-        return gpu.pipeline(target)
+        return gpu.pipeline(target, kernel_prefix)
     raise TargetError(f"no schedules for target {kind!r} in this release; use --target llvm")

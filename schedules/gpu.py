@@ -124,6 +124,32 @@ def specialize_prefill(target: Target) -> tvm.transform.Pass:
     return _specialize
 
 
+def prefix_kernels(prefix: str) -> tvm.transform.Pass:
+    """Rename every TIR kernel to ``<prefix><name>`` and point the Relax functions at the new names.
+
+    A library whose kernels run through ``runtime.opencl`` finds them by name in one process-wide registry;
+    a prefix unique to the artifact keeps two artifacts' same-named kernels apart.
+    """
+
+    @tvm.transform.module_pass(opt_level=0, name="PrefixKernels")
+    def _prefix(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
+        redirect = _Redirect(mod)
+        kernels = [gv for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)]
+        for gv in kernels:
+            name = prefix + gv.name_hint
+            func = mod[gv].with_attr("global_symbol", name)  # unlike the original, so never deduplicated
+            redirect.mapping[gv.name_hint] = redirect.builder_.add_func(func, name)
+        for gv, func in mod.functions.items():
+            if isinstance(func, relax.Function):
+                redirect.builder_.update_func(gv, redirect.visit_expr(func))
+        renamed = redirect.builder_.get()
+        old = {gv.name_hint for gv in kernels}
+        kept = {gv: f for gv, f in renamed.functions.items() if gv.name_hint not in old}
+        return tvm.IRModule(kept, attrs=renamed.attrs)
+
+    return _prefix
+
+
 def rules() -> list[ScheduleRule]:
     return [
         dl.gpu.LowBatchGEMV(GEMV_BUCKET),
@@ -174,8 +200,9 @@ def raise_for_unbound(mod: tvm.ir.IRModule) -> None:
         )
 
 
-def pipeline(target: Target) -> tvm.transform.Pass:
-    """The Relax pipeline for GPU targets: TVM's CUDA passes with our rules and the binding check."""
+def pipeline(target: Target, kernel_prefix: str = "") -> tvm.transform.Pass:
+    """The Relax pipeline for GPU targets: TVM's CUDA passes with our rules and the binding check (and,
+    with ``kernel_prefix``, the kernels renamed by ``prefix_kernels``)."""
     from tvm.relax.backend.cuda import pipeline as gpu
 
     @tvm.transform.module_pass(opt_level=0)
@@ -192,6 +219,7 @@ def pipeline(target: Target) -> tvm.transform.Pass:
                     specialize_prefill(target),
                     dl.ApplyDefaultSchedule(*rules()),
                     check_bindings,
+                    *([prefix_kernels(kernel_prefix)] if kernel_prefix else []),
                 ]
                 + gpu.dataflow_lower_passes(target)
                 + gpu.finalize_passes(target)

@@ -33,7 +33,6 @@ FATBIN_MAGIC = 0xBA55ED50
 FATBIN_ELF, FATBIN_PTX = 2, 1  # entry kinds of the fatbin container
 
 
-
 def fatbin_entries(blob: bytes) -> list[tuple[int, int, bytes]]:
     """``(kind, sm, payload)`` of each image in a fatbin (``kind`` 2 = SASS ELF, 1 = PTX)."""
     magic, _version, header_size, body_size = struct.unpack_from("<IHHQ", blob, 0)
@@ -42,7 +41,7 @@ def fatbin_entries(blob: bytes) -> list[tuple[int, int, bytes]]:
     while offset < header_size + body_size:
         kind, _v, entry_header, payload = struct.unpack_from("<HHIQ", blob, offset)
         sm = struct.unpack_from("<I", blob, offset + 28)[0]
-        entries.append((kind, sm, blob[offset + entry_header: offset + entry_header + payload]))
+        entries.append((kind, sm, blob[offset + entry_header : offset + entry_header + payload]))
         offset += entry_header + payload
     return entries
 
@@ -55,15 +54,17 @@ def kernel_names(config: dict) -> dict[str, list[str]]:
 def cuda_artifact(smollm2_gguf, tmp_path_factory):
     """SmolLM2 compiled for --target cuda with no --arch (no GPU here: sm_89), and the seconds it took."""
     start = time.perf_counter()
-    path = compile_model(smollm2_gguf, tmp_path_factory.mktemp("cuda") / "smollm2-cuda", target="cuda",
-                         quiet=True)
+    path = compile_model(
+        smollm2_gguf, tmp_path_factory.mktemp("cuda") / "smollm2-cuda", target="cuda", quiet=True
+    )
     return path, time.perf_counter() - start
 
 
 @pytest.fixture(scope="session")
 def metal_artifact(smollm2_gguf, tmp_path_factory):
-    return compile_model(smollm2_gguf, tmp_path_factory.mktemp("metal") / "smollm2-metal", target="metal",
-                         quiet=True)
+    return compile_model(
+        smollm2_gguf, tmp_path_factory.mktemp("metal") / "smollm2-metal", target="metal", quiet=True
+    )
 
 
 def _config(path) -> dict:
@@ -113,8 +114,11 @@ def test_cuda_two_arch_build(smollm2_gguf, tmp_path):
     config = _config(path)
     assert config["target"]["archs"] == ["sm_80", "sm_89"]
     assert '"arch":"sm_80"' in config["target"]["target"]  # codegen for the oldest card of the fatbin
-    sass = [(sm, payload) for kind, sm, payload in fatbin_entries((path / FATBIN_NAME).read_bytes())
-            if kind == FATBIN_ELF]
+    sass = [
+        (sm, payload)
+        for kind, sm, payload in fatbin_entries((path / FATBIN_NAME).read_bytes())
+        if kind == FATBIN_ELF
+    ]
     assert sorted(sm for sm, _ in sass) == [80, 89]
     for _, elf in sass:
         for names in kernel_names(config).values():
@@ -177,8 +181,9 @@ def test_vulkan_without_codegen_is_one_line(tmp_path, smollm2_gguf):
     assert message == VULKAN_MISSING and "\n" not in message
     assert "USE_VULKAN=ON" in message and "MLC-LLM" in message
     assert not (tmp_path / "vk").exists()
-    result = CliRunner().invoke(main, ["compile", str(smollm2_gguf), "--target", "vulkan", "-o",
-                                       str(tmp_path / "vk")])
+    result = CliRunner().invoke(
+        main, ["compile", str(smollm2_gguf), "--target", "vulkan", "-o", str(tmp_path / "vk")]
+    )
     assert result.exit_code == 2 and result.output.strip() == f"error: {VULKAN_MISSING}"
 
 
@@ -223,7 +228,7 @@ def test_dtype_overrides_the_gpu_default(tiny_models, tmp_path):
     assert config["dtype"] == "float32"
     records = json.loads((path / "tensor-cache.json").read_text())["records"]
     assert {p["dtype"] for shard in records for p in shard["records"]} == {"float32"}
-    (_, _, elf), = [e for e in fatbin_entries((path / FATBIN_NAME).read_bytes()) if e[0] == FATBIN_ELF]
+    ((_, _, elf),) = [e for e in fatbin_entries((path / FATBIN_NAME).read_bytes()) if e[0] == FATBIN_ELF]
     assert all(f"{k}_kernel".encode() in elf for names in kernel_names(config).values() for k in names)
 
 
@@ -244,3 +249,61 @@ def test_prebuilt_fatbin_is_served_to_tvms_cuda_loader(monkeypatch):
     compiled = []
     monkeypatch.setattr(cuda_kernels, "_tvm_compile", lambda code: compiled.append(code) or b"by tvm")
     assert bytes(callback("other source")) == b"by tvm" and compiled == ["other source"]
+
+
+def test_cuda_kernel_resources_are_recorded_and_checked(cuda_artifact):
+    """ptxas's registers, shared memory and spills of every kernel are in the config; none spills and none
+    exceeds the 48 KB of static shared memory (the build would have failed)."""
+    path, _ = cuda_artifact
+    config = _config(path)
+    resources = config["resources"]["sm_89"]
+    device_kernels = {f"{k}_kernel" for names in config["kernels"].values() for k in names}
+    assert device_kernels <= set(resources)
+    for name, k in resources.items():
+        assert set(k) == {"registers", "shared_bytes", "stack_bytes", "spill_stores", "spill_loads"}, name
+        assert 0 < k["registers"] <= 255 and k["spill_stores"] == k["spill_loads"] == 0, (name, k)
+        assert k["shared_bytes"] <= gpu_attention.CUDA_STATIC_SHARED
+    assert resources["dense_attention_gpu_kernel"]["shared_bytes"] > 0  # staged keys
+    result = CliRunner().invoke(main, ["bench", "resources", str(path)])
+    assert result.exit_code == 0 and "attention_scores_gpu_kernel" in result.output
+
+
+def test_the_resource_check_fails_a_spilling_kernel(tmp_path):
+    """A kernel squeezed to 16 registers (ptxas allots its minimum, 24) spills: ptxas's report says so and
+    the check fails the build."""
+    from mlc_magicdec.compile import cuda
+
+    source = """extern "C" __global__ void heavy(float* x) {
+      float a[32];
+      for (int i = 0; i < 32; ++i) a[i] = x[threadIdx.x * 32 + i] * x[i];
+      float s = 0.f;
+      for (int i = 0; i < 32; ++i) for (int j = 0; j < 32; ++j) s += a[i] * a[j] * x[(i * j) & 1023];
+      x[threadIdx.x] = s;
+    }"""
+    cu = tmp_path / "heavy.cu"
+    cu.write_text(source)
+    import subprocess
+
+    done = subprocess.run(
+        [
+            "nvcc",
+            "-cubin",
+            "-arch=sm_89",
+            "-maxrregcount=16",
+            "-Xptxas",
+            "-v",
+            "-o",
+            str(tmp_path / "h"),
+            str(cu),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    report = cuda.parse_ptxas(done.stderr)
+    assert report["heavy"]["spill_stores"] > 0 and report["heavy"]["spill_loads"] > 0
+    with pytest.raises(cuda.CudaCompileError, match="spills registers on sm_89") as e:
+        cuda.check_resources({"sm_89": report})
+    assert "\n" not in str(e.value)
+    # and the same kernel with its registers free passes
+    cuda.check_resources({"sm_89": cuda.resource_usage(source, ("sm_89",))})

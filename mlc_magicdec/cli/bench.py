@@ -1,4 +1,4 @@
-"""``bench grid|peers|roofline|profile|auto|published``: the benchmarks, one subcommand each."""
+"""``bench grid|peers|roofline|profile|auto|published|resources``: the benchmarks, one subcommand each."""
 
 from __future__ import annotations
 
@@ -168,3 +168,14 @@ def published_cmd(json_path) -> None:
     from ..interface.bench import compare_published
 
     compare_published(json_path=json_path)
+
+
+@bench.command("resources")
+@artifact_argument
+@json_option
+@one_line_errors
+def resources_cmd(artifact: Path, json_path) -> None:
+    """Registers, shared memory and spills of each CUDA kernel, per arch (recorded by compile; no GPU)."""
+    from ..interface.bench import show_resources
+
+    show_resources(artifact, json_path=json_path)

@@ -27,7 +27,11 @@ def fetch_model_cmd(name: str) -> None:
     "-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact folder to create."
 )
 @click.option(
-    "--target", default="llvm", show_default=True, help="Hardware target: llvm (CPU), cuda, metal or vulkan."
+    "--target",
+    default="llvm",
+    show_default=True,
+    help="Hardware target: llvm (CPU), cuda, metal or vulkan; pocl: a test target, the CUDA kernels run "
+    "as OpenCL on the CPU by PoCL (float32).",
 )
 @click.option(
     "--dtype",

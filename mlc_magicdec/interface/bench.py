@@ -1,4 +1,5 @@
-"""``bench grid|peers|roofline|profile|auto|published``: run one benchmark, print its tables, write its JSON.
+"""``bench grid|peers|roofline|profile|auto|published|resources``: run one benchmark, print its tables, write
+its JSON.
 
 Every table is printed under a header naming the command, model, target, dtype and threads.
 """
@@ -10,7 +11,9 @@ from pathlib import Path
 
 from ..bench import auto_vs_fixed, magicdec, peers, profile, published, published_report, report, roofline
 from ..constants import DTYPE_BYTES
+from ..errors import UserError
 from ..fileio import atomic_write_json
+from ..manifest import Manifest, ManifestError
 from ..runtime.artifact import Artifact
 from ..runtime.engine import Engine
 from ..runtime.threads import configure_threads
@@ -187,3 +190,21 @@ def compare_published(*, json_path: Path | None = None) -> dict:
     if json_path:
         atomic_write_json(json_path, comparison)
     return comparison
+
+
+def show_resources(artifact: Path, *, json_path: Path | None = None) -> dict:
+    """The registers, shared memory and spills of a CUDA artifact's kernels, recorded when it was compiled."""
+    check_output_folder(json_path)
+    try:
+        manifest = Manifest.load(artifact)
+    except ManifestError as e:
+        raise UserError(str(e)) from None
+    if not manifest.resources:
+        raise UserError(
+            f"{artifact} records no kernel resources; they are measured for --target cuda artifacts"
+        )
+    results.print(f"command: {command_line()}", highlight=False)
+    results.print(report.resources_table(str(artifact), manifest.resources))
+    if json_path:
+        atomic_write_json(json_path, manifest.resources)
+    return manifest.resources

@@ -1,0 +1,119 @@
+"""``--target pocl``: the CUDA library's kernels, generated as OpenCL, run on the CPU by PoCL.
+
+The artifact's layout is checked everywhere. Running it needs a PoCL that can compile kernels here; where
+none can, those tests are skipped with the reason (PoCL 3.0's LLVM 14 knows no CPU newer than it, e.g. Zen 5).
+Against the llvm artifact of the same model, through the runtime unchanged: prefill logits, greedy decoding,
+and speculative decoding with both views.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import TINY_VOCAB
+
+from mlc_magicdec.cli import main
+from mlc_magicdec.compile.build import compile_model
+from mlc_magicdec.compile.opencl import KERNEL_TABLE_NAME
+from mlc_magicdec.manifest import CONFIG_NAME
+from mlc_magicdec.runtime import opencl
+from mlc_magicdec.runtime.artifact import ArtifactError
+from mlc_magicdec.runtime.engine import Engine
+
+POCL_MISSING = opencl.available()
+needs_pocl = pytest.mark.skipif(POCL_MISSING is not None, reason=f"PoCL cannot run here: {POCL_MISSING}")
+PREFIX = re.compile(r"^k[0-9a-f]{8}_")
+
+
+@pytest.fixture(scope="module")
+def pocl_models(tiny_models, tmp_path_factory):
+    """``get(family) -> (pocl artifact, llvm artifact)``, each compiled once."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            folder, _, llvm = tiny_models(family)
+            out = tmp_path_factory.mktemp(f"pocl-{family}") / "artifact"
+            cache[family] = (compile_model(folder, out, target="pocl", quiet=True), llvm)
+        return cache[family]
+
+    return get
+
+
+def test_the_artifact_holds_a_kernel_table_and_no_opencl_module(pocl_models):
+    artifact, _ = pocl_models("llama")
+    config = json.loads((artifact / CONFIG_NAME).read_text())
+    assert config["target"]["kind"] == "pocl" and config["target"]["device"] == "opencl:0"
+    assert "cuda" in config["target"]["target"] and "opencl" in config["target"]["codegen"]
+    assert config["kernel_table"] == KERNEL_TABLE_NAME and "kernel_table" in config["hashes"]
+    table = json.loads((artifact / KERNEL_TABLE_NAME).read_text())
+    assert table["kernels"] and all(PREFIX.match(name) for name in table["kernels"])
+    for kernel in table["kernels"].values():
+        assert kernel["launch"] and all(
+            t.split(".")[0] in ("blockIdx", "threadIdx") for t in kernel["launch"]
+        )
+        assert "__kernel void" in table["programs"][kernel["program"]]
+    # every entry point's kernels were renamed too, and the library carries no OpenCL source
+    assert all(PREFIX.match(k) for kernels in config["kernels"].values() for k in kernels)
+    assert b"__kernel" not in (artifact / config["library"]).read_bytes()
+    # the CUDA schedules: the attention kernels' shared memory and barriers survive into the OpenCL code
+    source = "\n".join(table["programs"])
+    assert "__local" in source and "barrier(CLK_LOCAL_MEM_FENCE)" in source
+
+
+def test_two_models_get_different_kernel_names(pocl_models):
+    names = [
+        set(json.loads((pocl_models(f)[0] / KERNEL_TABLE_NAME).read_text())["kernels"])
+        for f in ("llama", "qwen2")
+    ]
+    assert not names[0] & names[1]
+
+
+def test_float16_and_missing_pocl_are_one_line_errors(tiny_models, pocl_models, tmp_path, monkeypatch):
+    folder = tiny_models("llama")[0]
+    result = CliRunner().invoke(
+        main, ["compile", str(folder), "--target", "pocl", "--dtype", "float16", "-o", str(tmp_path / "x")]
+    )
+    assert result.exit_code != 0 and "float32 only" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+    def missing():
+        raise opencl.OpenCLUnavailable(
+            f"no PoCL OpenCL platform here; this artifact needs one: {opencl.INSTALL}"
+        )
+
+    monkeypatch.setattr(opencl, "_queue", missing)
+    with pytest.raises(ArtifactError, match="pyopencl") as e:
+        Engine(pocl_models("llama")[0])
+    assert "\n" not in str(e.value)
+
+
+@needs_pocl
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_prefill_and_greedy_decoding_match_the_llvm_artifact(pocl_models, family):
+    pocl, llvm = (Engine(a) for a in pocl_models(family))
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, TINY_VOCAB, n).tolist() for n in (40, 75)]
+    with pocl.prefill(prompts, max_new_tokens=8) as a, llvm.prefill(prompts, max_new_tokens=8) as b:
+        np.testing.assert_allclose(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+    plain = [r.token_ids for r in llvm.generate(prompts, max_new_tokens=12, stop_at_eos=False)]
+    assert [r.token_ids for r in pocl.generate(prompts, max_new_tokens=12, stop_at_eos=False)] == plain
+
+
+@needs_pocl
+@pytest.mark.parametrize("draft", ["snapkv", "streamingllm"])
+def test_speculative_decoding_on_pocl_is_lossless(pocl_models, draft):
+    pocl, llvm = (Engine(a) for a in pocl_models("llama"))
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(3, TINY_VOCAB, n).tolist() for n in (60, 90)]
+    plain = [r.token_ids for r in llvm.generate(prompts, max_new_tokens=10, stop_at_eos=False)]
+    for gamma in (1, 3):
+        runs = pocl.generate(
+            prompts, max_new_tokens=10, stop_at_eos=False, speculate=True, draft=draft, budget=32, gamma=gamma
+        )
+        assert [r.token_ids for r in runs] == plain
