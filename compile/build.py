@@ -37,7 +37,6 @@ from .targets import GPU_TARGETS, TargetPreset, resolve
 
 LIBRARY_NAME = "model.so"
 METAL_LIBRARY_NAME = "model.tar"  # Metal: objects to link into a dylib on macOS (``mlc-magicdec link``)
-FATBIN_NAME = "model.fatbin"  # CUDA: the kernels as SASS for every requested arch (see compile.cuda)
 TOKENIZER_NAME = "tokenizer.json"
 WEIGHT_SHARD_MB = 32  # shard size of params_shard_*.bin (MLC's default)
 
@@ -94,8 +93,8 @@ def build_library(mod, preset: TargetPreset, folder: Path, kernel_prefix: str = 
     """Compile the Relax module with the target's schedules and write the library into ``folder``.
 
     Returns what the artifact config records about it: the library's name, the kernels of each entry point,
-    for CUDA the fatbin (compiled here with nvcc), the hash of the CUDA source it was compiled from and each
-    kernel's registers, shared memory and spills per arch (the build fails on spills or too much shared), and
+    for CUDA each kernel's registers, shared memory and spills per arch (the build fails on spills or too
+    much shared memory; the library holds the kernels' fatbin, compiled here with nvcc), and
     for PoCL the kernel table (``compile.opencl``; its kernels are renamed with ``kernel_prefix``).
     """
     gpu = preset.schedules in GPU_TARGETS
@@ -121,14 +120,14 @@ def build_library(mod, preset: TargetPreset, folder: Path, kernel_prefix: str = 
     info = {"library": library_name(preset), "kernels": entry_kernels(mod)}
     if pocl:
         info["kernel_table"] = opencl.write_kernel_table(table, folder)
+    export = {}
     if preset.kind == "cuda":
         source = cuda.cuda_source(executable.mod)
-        (folder / FATBIN_NAME).write_bytes(cuda.compile_fatbin(source, preset.archs, preset.target))
+        fatbin = cuda.compile_fatbin(source, preset.archs, preset.target)
         info["resources"] = cuda.resource_usage(source, preset.archs)
         cuda.check_resources(info["resources"])
-        info["fatbin"] = FATBIN_NAME
-        info["cuda_source_sha256"] = hashlib.sha256(source.encode()).hexdigest()
-    executable.export_library(str(folder / info["library"]))
+        export["fpack_imports"] = cuda.pack_imports_with_fatbin(source, fatbin)
+    executable.export_library(str(folder / info["library"]), **export)
     return info
 
 
@@ -202,7 +201,11 @@ def compile_model(
                 hashes={
                     "library": file_sha256(tmp / library["library"]),
                     "weights": file_sha256(tmp / "tensor-cache.json"),
-                    **{k: file_sha256(tmp / library[k]) for k in ("fatbin", "kernel_table") if k in library},
+                    **(
+                        {"kernel_table": file_sha256(tmp / library["kernel_table"])}
+                        if "kernel_table" in library
+                        else {}
+                    ),
                 },
                 version=__version__,
                 drafts=list(drafts),

@@ -3,20 +3,23 @@
 TVM 0.27 built without a CUDA driver (as on the build machines) stores the kernels as CUDA C *source* in the
 library, to be compiled when it is loaded (NVRTC, or nvcc). This module compiles that source here, with nvcc,
 into a fatbin holding SASS for each arch (and PTX for the newest, so newer cards can JIT it), so that a kernel
-that does not compile fails the build, not the user's GPU. The fatbin is written beside the library; the
-runtime hands it to TVM's CUDA loader (see ``mlc_magicdec.runtime.cuda_kernels``), so neither NVRTC nor nvcc
-is needed where the artifact runs.
+that does not compile fails the build, not the user's GPU. The fatbin then replaces the source inside the
+library (``pack_imports_with_fatbin``): the library's CUDA module is TVM's own CUDA module in fatbin format,
+which any TVM CUDA runtime loads (a C++ host, ``tvm.runtime.load_module``, MLC tooling) with neither NVRTC
+nor nvcc, and no CUDA source is left in it.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
 
 import tvm
+import tvm_ffi
 from tvm.target import Target
 
 from ..errors import UserError, one_line
@@ -43,6 +46,81 @@ def _import_tree(module: tvm.runtime.Module) -> list[tvm.runtime.Module]:
     for child in module.imports:
         found += [child, *_import_tree(child)]
     return found
+
+
+# ------------------------------------------------------------------------------------------------------
+# The fatbin inside the library
+#
+# ``export_library`` packs the library's imported modules into one blob
+# (``runtime.ModulePackImportsToTensor``): a u64 size, the import tree (two u64 vectors), then per module
+# its kind and, but for the host library ("_lib"), its bytes. A CUDA module's bytes are its format string,
+# its function table and its data; TVM's CUDA loader reads them back in that order. Here the format becomes
+# "fatbin" and the data the fatbin.
+
+FATBIN_FORMAT = "fatbin"
+HOST_LIBRARY = "_lib"
+_U64 = struct.Struct("<Q")
+
+
+def _read_u64(blob: bytes, at: int) -> tuple[int, int]:
+    return _U64.unpack_from(blob, at)[0], at + _U64.size
+
+
+def _read_bytes(blob: bytes, at: int) -> tuple[bytes, int]:
+    n, at = _read_u64(blob, at)
+    return blob[at : at + n], at + n
+
+
+def _bytes_field(data: bytes) -> bytes:
+    return _U64.pack(len(data)) + data
+
+
+def embed_fatbin(blob: bytes, source: str, fatbin: bytes) -> bytes:
+    """The packed-imports ``blob`` with its CUDA module's ``source`` replaced by ``fatbin``."""
+    size, at = _read_u64(blob, 0)
+    if size != len(blob) - _U64.size:
+        raise CudaCompileError("the library's packed modules are not in the layout this TVM writes")
+    rows, at = _read_u64(blob, at)
+    at += rows * _U64.size
+    children, at = _read_u64(blob, at)
+    at += children * _U64.size
+    out, replaced = bytearray(blob[_U64.size : at]), 0
+    for _ in range(rows - 1):
+        kind, at = _read_bytes(blob, at)
+        out += _bytes_field(kind)
+        if kind == HOST_LIBRARY.encode():
+            continue
+        payload, at = _read_bytes(blob, at)
+        if kind == CUDA_SOURCE_FORMAT.encode():
+            fmt, body = _read_bytes(payload, 0)
+            data = _bytes_field(source.encode())
+            if not payload.endswith(data):
+                raise CudaCompileError("the library's CUDA module does not hold the source that was compiled")
+            function_table = payload[body : len(payload) - len(data)]
+            payload = _bytes_field(FATBIN_FORMAT.encode()) + function_table + _bytes_field(fatbin)
+            replaced += 1
+        out += _bytes_field(payload)
+    if replaced != 1:
+        raise CudaCompileError(f"the library holds {replaced} CUDA modules, expected one")
+    return _U64.pack(len(out)) + bytes(out)
+
+
+def pack_imports_with_fatbin(source: str, fatbin: bytes):
+    """An ``export_library(fpack_imports=...)`` hook: TVM's packed-imports C file, the fatbin embedded."""
+
+    def pack(module, is_system_lib: bool, prefix: str, workspace: str) -> str:
+        blob = bytes(tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")(module).numpy())
+        blob = embed_fatbin(blob, source, fatbin)
+        c_source = tvm_ffi.get_global_func("runtime.ModulePackImportsToC")(module, is_system_lib, prefix)
+        head, _, rest = c_source.partition("] = {")
+        tail = rest[rest.index("};") :]
+        head = re.sub(r"\[\d+$", f"[{len(blob)}", head)
+        rows = (",".join(f"0x{b:02x}" for b in blob[i : i + 32]) for i in range(0, len(blob), 32))
+        path = Path(workspace) / f"{prefix}devc.c"
+        path.write_text(head + "] = {\n" + ",\n".join(rows) + ",\n" + tail)
+        return str(path)
+
+    return pack
 
 
 def gencode_flags(archs: tuple[str, ...]) -> list[str]:

@@ -32,14 +32,12 @@ class Manifest:
     target: dict[str, Any]  # TargetPreset.describe(): kind, device, ...
     library: str  # file name of the compiled library in the folder
     param_names: list[str]  # the library's parameters, in order, as named in tensor-cache.json
-    hashes: dict[str, str]  # sha256 of "library", "weights" (tensor-cache.json) and, for CUDA, "fatbin"
+    hashes: dict[str, str]  # sha256 of "library", "weights" (tensor-cache.json) and, for PoCL, "kernel_table"
     version: str = ""  # mlc-magicdec's version that compiled it
     format: int = ARTIFACT_FORMAT
     drafts: list[str] = dataclasses.field(default_factory=list)  # draft views asked for at compile time
     draft_budget: int | None = None  # default draft budget (tokens), if given at compile time
     kernels: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # TIR kernels per entry point
-    fatbin: str | None = None  # CUDA: the kernels' fatbin file
-    cuda_source_sha256: str | None = None  # CUDA: hash of the CUDA source the fatbin was compiled from
     kernel_table: str | None = None  # PoCL: the OpenCL kernels' table (compile.opencl)
     resources: dict[str, Any] | None = None  # CUDA: {arch: {kernel: registers, shared, spills}} (ptxas)
     compile_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -109,13 +107,9 @@ class Manifest:
             raise ValueError("'target' has no 'device'")
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object written to the file (optional CUDA fields only when set)."""
+        """The JSON object written to the file (the optional CUDA and PoCL fields only when set)."""
         data = dataclasses.asdict(self)
-        return {
-            k: v
-            for k, v in data.items()
-            if not (k in ("fatbin", "cuda_source_sha256", "kernel_table", "resources") and v is None)
-        }
+        return {k: v for k, v in data.items() if not (k in ("kernel_table", "resources") and v is None)}
 
     def save(self, folder: str | Path) -> Path:
         """Write the manifest into ``folder`` atomically; returns the file's path."""

@@ -17,7 +17,6 @@ from ..errors import UserError, one_line
 from ..hashing import file_sha256
 from ..manifest import CONFIG_NAME, Manifest, ManifestError
 from . import opencl
-from .cuda_kernels import serve_fatbin
 
 
 class ArtifactError(UserError, ValueError):
@@ -85,11 +84,8 @@ class Artifact:
                 f"mlc-magicdec link {path}"
             )
         files = [("library", library), ("weights", path / "tensor-cache.json")]
-        files += [
-            (name, path / file)
-            for name, file in (("fatbin", config.fatbin), ("kernel_table", config.kernel_table))
-            if file
-        ]
+        if config.kernel_table:
+            files.append(("kernel_table", path / config.kernel_table))
         for name, file in files:
             if not file.is_file():
                 raise ArtifactError(f"{file} is missing; compile the model again")
@@ -99,8 +95,6 @@ class Artifact:
                     f"(library and weights come from different compiles); compile again"
                 )
         _check_shards(path)
-        if config.fatbin:
-            serve_fatbin(config.cuda_source_sha256, (path / config.fatbin).read_bytes())
         try:
             vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), device)
             cache, _ = tvmjs.load_tensor_cache(str(path), device)

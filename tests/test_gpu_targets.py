@@ -20,7 +20,7 @@ from tvm import te
 
 from mlc_magicdec.cli import main
 from mlc_magicdec.compile.attention import PAGE_SIZE
-from mlc_magicdec.compile.build import FATBIN_NAME, METAL_LIBRARY_NAME, compile_model
+from mlc_magicdec.compile.build import LIBRARY_NAME, METAL_LIBRARY_NAME, compile_model
 from mlc_magicdec.compile.link import LinkError, link_metal
 from mlc_magicdec.compile.targets import VULKAN_MISSING, TargetError, parse_archs, resolve
 from mlc_magicdec.runtime.artifact import CONFIG_NAME, Artifact, ArtifactError
@@ -44,6 +44,14 @@ def fatbin_entries(blob: bytes) -> list[tuple[int, int, bytes]]:
         entries.append((kind, sm, blob[offset + entry_header : offset + entry_header + payload]))
         offset += entry_header + payload
     return entries
+
+
+def library_fatbin(path) -> bytes:
+    """The fatbin embedded in an artifact's model.so (from its container's magic on)."""
+    library = (path / LIBRARY_NAME).read_bytes()
+    at = library.find(struct.pack("<I", FATBIN_MAGIC))
+    assert at >= 0, "model.so holds no fatbin"
+    return library[at:]
 
 
 def kernel_names(config: dict) -> dict[str, list[str]]:
@@ -98,7 +106,7 @@ def test_cuda_fatbin_holds_every_entry_points_kernels(cuda_artifact):
     assert len(prefill_gemms) >= 4
     assert all(k.rsplit("_prefill", 1)[0] in kernels["verify"] for k in prefill_gemms)
     assert not any(k.endswith("_prefill") for entry in ("decode", "verify", "draft") for k in kernels[entry])
-    entries = fatbin_entries((path / FATBIN_NAME).read_bytes())
+    entries = fatbin_entries(library_fatbin(path))
     sass = [(sm, payload) for kind, sm, payload in entries if kind == FATBIN_ELF]
     assert [sm for sm, _ in sass] == [89]
     assert any(kind == FATBIN_PTX for kind, _, _ in entries)  # PTX of the newest arch, for newer cards
@@ -114,11 +122,7 @@ def test_cuda_two_arch_build(smollm2_gguf, tmp_path):
     config = _config(path)
     assert config["target"]["archs"] == ["sm_80", "sm_89"]
     assert '"arch":"sm_80"' in config["target"]["target"]  # codegen for the oldest card of the fatbin
-    sass = [
-        (sm, payload)
-        for kind, sm, payload in fatbin_entries((path / FATBIN_NAME).read_bytes())
-        if kind == FATBIN_ELF
-    ]
+    sass = [(sm, payload) for kind, sm, payload in fatbin_entries(library_fatbin(path)) if kind == FATBIN_ELF]
     assert sorted(sm for sm, _ in sass) == [80, 89]
     for _, elf in sass:
         for names in kernel_names(config).values():
@@ -228,27 +232,25 @@ def test_dtype_overrides_the_gpu_default(tiny_models, tmp_path):
     assert config["dtype"] == "float32"
     records = json.loads((path / "tensor-cache.json").read_text())["records"]
     assert {p["dtype"] for shard in records for p in shard["records"]} == {"float32"}
-    ((_, _, elf),) = [e for e in fatbin_entries((path / FATBIN_NAME).read_bytes()) if e[0] == FATBIN_ELF]
+    ((_, _, elf),) = [e for e in fatbin_entries(library_fatbin(path)) if e[0] == FATBIN_ELF]
     assert all(f"{k}_kernel".encode() in elf for names in kernel_names(config).values() for k in names)
 
 
-def test_prebuilt_fatbin_is_served_to_tvms_cuda_loader(monkeypatch):
-    """Loading a CUDA library makes TVM call ``tvm_callback_cuda_compile(source)``; for an artifact's source
-    the runtime answers with its prebuilt fatbin, and hands any other source to TVM's own compiler."""
-    import hashlib
+def test_the_cuda_library_is_self_contained(cuda_artifact):
+    """The fatbin is inside model.so, as TVM's CUDA module in fatbin format: no CUDA source is left, no file
+    beside it, and plain ``tvm.runtime.load_module`` fails here only for want of a CUDA runtime."""
+    import tvm
 
-    import tvm_ffi
-
-    from mlc_magicdec.runtime import cuda_kernels
-
-    source = 'extern "C" __global__ void probe_kernel() {}\n'
-    fatbin = b"P\xed\x55\xba fake fatbin"
-    cuda_kernels.serve_fatbin(hashlib.sha256(source.encode()).hexdigest(), fatbin)
-    callback = tvm_ffi.get_global_func(cuda_kernels.CALLBACK)
-    assert bytes(callback(source)) == fatbin
-    compiled = []
-    monkeypatch.setattr(cuda_kernels, "_tvm_compile", lambda code: compiled.append(code) or b"by tvm")
-    assert bytes(callback("other source")) == b"by tvm" and compiled == ["other source"]
+    path, _ = cuda_artifact
+    library = (path / LIBRARY_NAME).read_bytes()
+    assert b"__global__" not in library and b'extern "C"' not in library
+    assert sorted(p.name for p in path.iterdir() if p.suffix in (".fatbin", ".cu", ".ptx")) == []
+    fatbin_module = struct.pack("<Q", 6) + b"fatbin"  # the CUDA module's format field
+    assert library.count(fatbin_module) == 1
+    if tvm.runtime.cuda(0).exist:
+        pytest.skip("this machine has a CUDA runtime: the library loads")
+    with pytest.raises(RuntimeError, match="load_from_bytes.cuda"):
+        tvm.runtime.load_module(str(path / LIBRARY_NAME))
 
 
 def test_cuda_kernel_resources_are_recorded_and_checked(cuda_artifact):
@@ -307,3 +309,32 @@ def test_the_resource_check_fails_a_spilling_kernel(tmp_path):
     assert "\n" not in str(e.value)
     # and the same kernel with its registers free passes
     cuda.check_resources({"sm_89": cuda.resource_usage(source, ("sm_89",))})
+
+
+def test_embed_fatbin_replaces_the_cuda_source_and_nothing_else():
+    """The packed modules keep their layout: only the CUDA module's format and data change."""
+    import tvm
+    import tvm_ffi
+
+    from mlc_magicdec.compile import cuda
+
+    a = te.placeholder((256,), name="a")
+    b = te.compute((256,), lambda i: a[i] * 2.0, name="b")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([a, b]))
+    (loop,) = sch.get_loops(sch.get_sblock("b"))
+    bx, tx = sch.split(loop, [None, 64])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    library = tvm.compile(sch.mod, target=resolve("cuda", arch="89").target).mod
+    source = cuda.cuda_source(library)
+    blob = bytes(tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")(library).numpy())
+    fatbin = b"\x50\xed\x55\xba" + bytes(range(40))
+    packed = cuda.embed_fatbin(blob, source, fatbin)
+    assert struct.unpack_from("<Q", packed)[0] == len(packed) - 8
+    assert source.encode() not in packed and packed.endswith(struct.pack("<Q", len(fatbin)) + fatbin)
+    assert struct.pack("<Q", 6) + b"fatbin" in packed and b"main_kernel" in packed  # the function table stays
+    assert (
+        len(packed) - len(blob) == len(fatbin) - len(source.encode()) + 2
+    )  # "fatbin" is 2 bytes over "cuda"
+    with pytest.raises(cuda.CudaCompileError, match="does not hold the source"):
+        cuda.embed_fatbin(blob, source + "// changed", fatbin)
