@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check (issue #4): on a machine with an NVIDIA GPU, in well under 8 minutes,
-#   1. compile SmolLM2-135M for this GPU (--target cuda detects the arch; fp16 weights and KV),
+# The GPU check (issues #4, #15): on a machine with an NVIDIA GPU, in under 8 minutes,
+#   1. compile SmolLM2-135M for this GPU (--target cuda detects the arch; fp16 weights and KV) and print the
+#      kernels' registers, shared memory and spills,
 #   2. run the lossless tests on CUDA (the SmolLM2 test artifact is compiled for cuda and runs on cuda:0),
-#   3. a short MagicDec benchmark: batch 1, 8, 32, 64 at 4k and 8k context, fp16.
-# Everything it prints goes to bench/results/gpu/ (gpu_check.log, magicdec_cuda.{txt,json,png}).
+#   3. a MagicDec benchmark, plain against fixed settings: batch 1, 8, 32, 64, 128 at 4k and 8k context, fp16,
+#   4. gamma/budget "auto" against plain and fixed settings on the same cells.
+# Everything it prints goes to bench/results/gpu/ (gpu_check.log, magicdec_cuda.{txt,json,png}, auto_cuda.*).
 # Usage: bench/gpu_check.sh            (env: ARTIFACT=folder to keep the compiled artifact, PYTHON=python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,13 +30,18 @@ import json, sys
 c = json.load(open(f"{sys.argv[1]}/mlc-magicdec-config.json"))
 print("target", c["target"]["archs"], c["dtype"], "steps (s):", c["compile_seconds"])
 PY
+mlc-magicdec bench resources "$art" --json "$out/resources_$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .).json"
 
 echo "== 2. lossless tests on CUDA"
 MLC_MAGICDEC_TEST_TARGET=cuda $python -m pytest -q -p no:cacheprovider tests/test_lossless.py
 
-echo "== 3. MagicDec benchmark (fp16, batch 1/8/32/64, context 4k/8k)"
-mlc-magicdec bench grid "$art" --batch 1,8,32,64 --context 4096,8192 --new-tokens 64 --draft snapkv,streamingllm \
-  --budget 256 --gamma 1,2,3,4 --repeats 5 --json "$out/magicdec_cuda.json" --plot "$out/magicdec_cuda_speedup.png" \
+echo "== 3. MagicDec benchmark (fp16, batch 1/8/32/64/128, context 4k/8k)"
+mlc-magicdec bench grid "$art" --batch 1,8,32,64,128 --context 4096,8192 --new-tokens 64 --draft snapkv \
+  --budget 256 --gamma 1,2,3,4 --repeats 3 --json "$out/magicdec_cuda.json" --plot "$out/magicdec_cuda_speedup.png" \
   | tee "$out/magicdec_cuda.txt"
+
+echo "== 4. gamma/budget auto against plain and fixed settings"
+mlc-magicdec bench auto "$art" --batch 1,8,32,64,128 --context 4096,8192 --new-tokens 64 --draft snapkv \
+  --budget 256,1024 --gamma 1,2,3 --json "$out/auto_cuda.json" | tee "$out/auto_cuda.txt"
 
 echo "gpu_check: done in $(( $(date +%s) - start )) s"
