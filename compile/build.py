@@ -189,7 +189,8 @@ def compile_model(
                     show_progress=False,
                 )
             with step(f"building library for {preset.kind}"):
-                prefix = f"k{hashlib.sha256(json.dumps(cfg.to_dict()).encode()).hexdigest()[:8]}_"
+                build = json.dumps([cfg.to_dict(), dtype, list(drafts), budget, __version__])
+                prefix = f"k{hashlib.sha256(build.encode()).hexdigest()[:8]}_"
                 library = build_library(mod, preset, tmp, prefix if preset.codegen is not None else "")
             (tmp / TOKENIZER_NAME).write_text(loaded.tokenizer_json)
             Manifest(

@@ -65,19 +65,6 @@ class Artifact:
         except (ValueError, KeyError, TypeError) as e:
             raise ArtifactError(f"{cfg_path} is corrupt ({e}); compile the model again") from None
         library, hashes = path / config.library, config.hashes
-        if config.kernel_table:
-            try:
-                opencl.register(path / config.kernel_table)
-            except opencl.OpenCLUnavailable as e:
-                raise ArtifactError(f"{path} is a --target pocl artifact: {e}") from None
-            except (OSError, ValueError, KeyError) as e:
-                raise ArtifactError(
-                    f"{path / config.kernel_table} is missing or corrupt ({e}); compile again"
-                ) from None
-        try:
-            device = device_from_string(config.device)
-        except TargetError as e:
-            raise ArtifactError(str(e)) from None
         if library.suffix == ".tar":
             raise ArtifactError(
                 f"{library} holds unlinked Metal objects; link them on this Mac first: "
@@ -95,6 +82,17 @@ class Artifact:
                     f"(library and weights come from different compiles); compile again"
                 )
         _check_shards(path)
+        if config.kernel_table:
+            try:
+                opencl.register(path / config.kernel_table)
+            except opencl.OpenCLUnavailable as e:
+                raise ArtifactError(f"{path} is a --target pocl artifact: {e}") from None
+            except (OSError, ValueError, KeyError) as e:
+                raise ArtifactError(f"{path / config.kernel_table} is corrupt ({e}); compile again") from None
+        try:
+            device = device_from_string(config.device)
+        except TargetError as e:
+            raise ArtifactError(str(e)) from None
         try:
             vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), device)
             cache, _ = tvmjs.load_tensor_cache(str(path), device)
