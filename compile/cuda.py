@@ -34,17 +34,17 @@ class CudaCompileError(UserError, RuntimeError):
 
 def cuda_source(library: tvm.runtime.Module) -> str:
     """The CUDA C source of the kernels imported by a built library (raises if it has none)."""
-    sources = [m.inspect_source() for m in _import_tree(library) if m.kind == CUDA_SOURCE_FORMAT]
+    sources = [m.inspect_source() for m in import_tree(library) if m.kind == CUDA_SOURCE_FORMAT]
     if len(sources) != 1 or not sources[0]:
         raise CudaCompileError(f"the built library holds {len(sources)} CUDA modules, expected one")
     return sources[0]
 
 
-def _import_tree(module: tvm.runtime.Module) -> list[tvm.runtime.Module]:
-    """Every module imported by ``module``, directly or not."""
+def import_tree(module: tvm.runtime.Module) -> list[tvm.runtime.Module]:
+    """Every module imported by ``module``, directly or not (``module`` itself left out)."""
     found = []
     for child in module.imports:
-        found += [child, *_import_tree(child)]
+        found += [child, *import_tree(child)]
     return found
 
 

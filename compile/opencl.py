@@ -20,6 +20,7 @@ import tvm_ffi
 from tvm.target import Target
 
 from ..errors import UserError
+from .cuda import import_tree
 
 KERNEL_TABLE_NAME = "opencl-kernels.json"
 KERNEL_TABLE_FORMAT = 1
@@ -89,7 +90,7 @@ def _param_type(var: tvm.tirx.Var) -> str:
 def drop_opencl_modules(library: tvm.runtime.Module) -> int:
     """Remove the OpenCL source modules from ``library``'s import tree; returns how many there were."""
     dropped = 0
-    for parent in _modules(library):
+    for parent in [library, *import_tree(library)]:
         children = list(parent.imports)
         keep = [m for m in children if m.kind != OPENCL_MODULE]
         if len(keep) != len(children):
@@ -98,13 +99,6 @@ def drop_opencl_modules(library: tvm.runtime.Module) -> int:
             for m in keep:
                 parent.import_module(m)
     return dropped
-
-
-def _modules(module: tvm.runtime.Module) -> list[tvm.runtime.Module]:
-    found = [module]
-    for child in module.imports:
-        found += _modules(child)
-    return found
 
 
 def write_kernel_table(table: dict, folder: Path) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ...compile.config import ModelConfig
-from .hardware import CostModelError, Hardware
+from .hardware import GPU_FIT, CostModelError, Hardware
 from .spec import ModelSpec, as_spec
 from .steps import StepWork, _forward_time, collective_time, compute_time, memory_time, step_work
 
@@ -96,7 +96,7 @@ class TimedWork:
     label: str = ""
 
 
-GPU_TERMS = ("bandwidth_efficiency", "flops_efficiency", "launch_s", "round_s")
+GPU_TERMS = tuple(GPU_FIT)  # the terms fitted on measured GPU work, as the presets carry them
 
 
 def fit_efficiencies(base: Hardware, timed: Sequence[TimedWork], name: str | None = None) -> Hardware:
@@ -123,8 +123,8 @@ def fit_efficiencies(base: Hardware, timed: Sequence[TimedWork], name: str | Non
     fitted = {
         "bandwidth_efficiency": 1.0 / per_peak_byte if per_peak_byte else base.bandwidth_efficiency,
         "flops_efficiency": 1.0 / per_peak_flop if per_peak_flop else base.flops_efficiency,
-        "launch_s": launch,
-        "round_s": per_round,
+        "launch_s": launch or base.launch_s,
+        "round_s": per_round or base.round_s,
     }
     return dataclasses.replace(base, name=name or base.name, overlap=False, **fitted)
 
