@@ -212,6 +212,7 @@ def compile_model(
                 drafts=list(drafts),
                 draft_budget=budget,
                 compile_seconds=timings,
+                chat_template=loaded.chat_template,
                 **library,
             ).save(tmp)
         if output.exists():

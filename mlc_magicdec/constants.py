@@ -15,3 +15,7 @@ DRAFT_KINDS = ("streamingllm", "snapkv")  # the compressed views a self-draft at
 DEFAULT_DRAFT = "snapkv"  # the view used when neither the caller nor the artifact names one
 GPU_TARGETS = ("cuda", "metal", "vulkan")
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+# serving (the loop and its command line): requests admitted at once, tokens per step, queued requests
+DEFAULT_MAX_RUNNING = 32
+DEFAULT_MAX_BATCH_TOKENS = 2048
+DEFAULT_MAX_WAITING = 256

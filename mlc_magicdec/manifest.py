@@ -41,6 +41,7 @@ class Manifest:
     kernel_table: str | None = None  # PoCL: the OpenCL kernels' table (compile.opencl)
     resources: dict[str, Any] | None = None  # CUDA: {arch: {kernel: registers, shared, spills}} (ptxas)
     compile_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    chat_template: str | None = None  # the model's jinja2 chat template, if it has one
 
     @property
     def device(self) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 from . import costmodel as cm
 from .runner import ModelRunner
 from .sampling import probs_from_logits, sample
-from .sequences import PrefilledBatch, SequenceState
+from .sequences import ScoreCache, SequenceState
 from .views import snapkv_view, streaming_view
 
 
@@ -62,7 +62,7 @@ class Drafter(ABC):
         """A round of ``gamma`` drafts for ``r`` from ``committed`` tokens accepted ``accepted`` of them and
         kept ``kept`` tokens (the accepted ones and the target's next, up to EOS or the limit)."""
 
-    def build_views(self, sequences: Sequence[SequenceState], batch: PrefilledBatch) -> None:
+    def build_views(self, sequences: Sequence[SequenceState], batch: ScoreCache) -> None:
         """After prefill: each sequence's compressed view (SnapKV scores its prompt's last window on the
         device, once per batch and window)."""
         c = self.runner.cfg
@@ -87,38 +87,48 @@ class Drafter(ABC):
         self,
         active: Sequence[SequenceState],
         committed: np.ndarray,
-        gamma: int,
+        gammas: np.ndarray,
         static_pos: np.ndarray,
         static_len: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """``gamma`` draft steps for each active sequence: tokens ``[B, gamma]`` and their probabilities
-        (None when every sequence is greedy).
+        """``gammas[b]`` draft steps for each active sequence: tokens ``[B, max(gammas)]`` and their
+        probabilities (None when every sequence is greedy); row ``b`` is valid up to ``gammas[b]``.
 
         The first step also feeds the drafter any committed token it has no KV for yet (a separate draft model
         never saw the last drafted token when all were accepted), so it may take two tokens for a sequence.
         """
-        batch, vocab = len(active), self.runner.cfg.vocab_size
-        tokens = np.empty((batch, gamma), dtype=np.int64)
+        gammas = np.asarray(gammas, dtype=np.int64)
+        batch, vocab, most = len(active), self.runner.cfg.vocab_size, int(gammas.max())
+        tokens = np.zeros((batch, most), dtype=np.int64)
         greedy = all(r.params.greedy for r in active)
-        q = None if greedy else np.empty((batch, gamma, vocab))
+        q = None if greedy else np.zeros((batch, most, vocab))
         window_start = np.array([r.view.window_start(int(n)) for r, n in zip(active, committed)], np.int32)
         feed = [r.tokens[r.draft_len :] for r in active]
         rows = np.concatenate([np.full(len(f), b) for b, f in enumerate(feed)])
         positions = np.concatenate([np.arange(r.draft_len, len(r.tokens)) for r in active])
         current = np.concatenate(feed)
-        seq_ids = [r.seq_id for r in active]
-        for i in range(gamma):
+        live = np.arange(batch)  # the sequences still drafting
+        for i in range(most):
             logits = self.runner.forward(
-                "draft", current, rows, positions, seq_ids, static_pos, static_len, window_start
+                "draft",
+                current,
+                rows,
+                positions,
+                [active[b].seq_id for b in live],
+                static_pos[live],
+                static_len[live],
+                window_start[live],
             )
-            logits = logits[np.cumsum(np.bincount(rows, minlength=batch)) - 1]  # each row's last token
-            if greedy:
-                tokens[:, i] = np.argmax(logits, axis=-1)
-            else:
-                for b, r in enumerate(active):
-                    q[b, i] = probs_from_logits(logits[b], r.params.temperature, r.params.top_p)
-                    tokens[b, i] = sample(q[b, i][None], r.rng)[0]
-            current, rows, positions = tokens[:, i], np.arange(batch), committed + i + 1
+            logits = logits[np.cumsum(np.bincount(rows, minlength=len(live))) - 1]  # each row's last token
+            tokens[live, i] = np.argmax(logits, axis=-1)
+            if q is not None:
+                for row, b in enumerate(live):
+                    r = active[b]
+                    q[b, i] = probs_from_logits(logits[row], r.params.temperature, r.params.top_p)
+                    if not r.params.greedy:
+                        tokens[b, i] = sample(q[b, i][None], r.rng)[0]
+            live = live[gammas[live] > i + 1]
+            current, rows, positions = tokens[live, i], np.arange(len(live)), committed[live] + i + 1
         return tokens, q
 
 

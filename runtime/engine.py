@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from ..constants import DEFAULT_DRAFT, PAGE_SIZE
+from . import decoding
 from .artifact import Artifact, ArtifactError
 from .autospec import Acceptance, AutoPolicy
 from .drafter import Drafter, ModelDrafter, SelfDrafter
 from .kv import PagePool
 from .runner import ModelRunner
-from .sampling import SamplingParams, probs_from_logits, sample, verify_greedy, verify_rejection
+from .sampling import SamplingParams
 from .sequences import GenerationResult, GenerationStats, PrefilledBatch, SequenceState
 from .speculation import DEFAULT_GAMMA, MAX_GAMMA, RequestError, SpecSettings
 from .threads import configure_threads
@@ -174,31 +175,19 @@ class Engine:
         last_logits = np.zeros((len(requests), self.config.vocab_size), dtype=np.float32)
         done = [0] * len(requests)
         while any(d < len(r.prompt) for d, r in zip(done, requests)):
-            budget, rows, seq_ids, toks, pos, seq_rows = self.prefill_chunk, [], [], [], [], []
+            budget, rows, pieces = self.prefill_chunk, [], []
             for i, r in enumerate(requests):
-                if budget == 0:
-                    break
                 take = min(len(r.prompt) - done[i], budget)
                 if take == 0:
                     continue
-                toks.append(r.prompt[done[i] : done[i] + take])
-                pos.append(np.arange(done[i], done[i] + take))
-                seq_rows.append(np.full(take, len(rows)))
+                pieces.append(decoding.PrefillPiece(r.seq_id, r.prompt[done[i] : done[i] + take], done[i]))
                 rows.append(i)
-                seq_ids.append(r.seq_id)
                 budget -= take
                 done[i] += take
-            ends = np.cumsum([len(t) for t in toks]) - 1
-            logits = runner.forward(
-                "prefill",
-                np.concatenate(toks),
-                np.concatenate(seq_rows),
-                np.concatenate(pos),
-                seq_ids,
-                ends.astype(np.int32),
-            )
+                if budget == 0:
+                    break
+            logits = decoding.prefill(runner, pieces)
             for row, i in enumerate(rows):
-                runner.pages.set_length(requests[i].seq_id, done[i])
                 if done[i] == len(requests[i].prompt):
                     last_logits[i] = logits[row]
         return last_logits
@@ -206,51 +195,9 @@ class Engine:
     # ---------------------------------------------------------------------------------------------
     # Decoding
 
-    def _choose(self, requests: list[SequenceState], logits: np.ndarray) -> np.ndarray:
-        """Sample (or argmax) one token per request from ``logits[len(requests), vocab]``."""
-        out = np.empty(len(requests), dtype=np.int64)
-        for i, r in enumerate(requests):
-            if r.params.greedy:
-                out[i] = int(np.argmax(logits[i]))
-            else:
-                probs = probs_from_logits(logits[i], r.params.temperature, r.params.top_p)
-                out[i] = int(sample(probs[None], r.rng)[0])
-        return out
-
-    def _append(self, r: SequenceState, new_tokens: Sequence[int], stop_at_eos: bool) -> int:
-        """Add generated tokens to ``r`` up to EOS or its limit; returns how many were kept."""
-        eos = set(self.config.eos_token_ids) if stop_at_eos else set()
-        kept = 0
-        for t in new_tokens:
-            r.output.append(int(t))
-            kept += 1
-            if int(t) in eos:
-                r.finish_reason = "eos"
-                break
-            if len(r.output) >= r.max_new_tokens:
-                r.finish_reason = "length"
-                break
-        return kept
-
-    def _plain_step(self, active: list[SequenceState], stats: GenerationStats, stop_at_eos: bool) -> None:
-        """One target decode step for every active sequence."""
-        runner = self.target
-        positions = np.array([len(r.tokens) - 1 for r in active])
-        tokens = np.array([r.tokens[-1] for r in active])
-        t0 = time.perf_counter()
-        logits = runner.forward(
-            "decode", tokens, np.arange(len(active)), positions, [r.seq_id for r in active]
-        )
-        stats.decode_seconds += time.perf_counter() - t0
-        stats.decode_steps += 1
-        for r, tok, p in zip(active, self._choose(active, logits), positions):
-            runner.pages.set_length(r.seq_id, int(p) + 1)
-            self.drafter.after_plain_step(r, int(p) + 1)
-            self._append(r, [tok], stop_at_eos)
-
-    def _decode_plain(self, requests: list[SequenceState], stats: GenerationStats, stop_at_eos: bool) -> None:
+    def _decode_plain(self, requests: list[SequenceState], stats: GenerationStats) -> None:
         while active := [r for r in requests if not r.done]:
-            self._plain_step(active, stats, stop_at_eos)
+            decoding.plain_step(self.target, self.drafter, active, stats)
 
     # ---------------------------------------------------------------------------------------------
     # Speculative decoding (MagicDec)
@@ -265,67 +212,31 @@ class Engine:
             DraftSettings().budget, self.config.context_window // 2
         )
 
-    def _speculative_round(
+    def _round(
         self,
         active: list[SequenceState],
-        stats: GenerationStats,
-        stop_at_eos: bool,
         gamma: int,
         static_pos: np.ndarray,
         static_len: np.ndarray,
+        stats: GenerationStats,
     ) -> tuple[float, float]:
-        """Draft ``gamma`` tokens per active sequence, verify them in one target pass, keep the accepted.
+        gammas = [gamma] * len(active)
+        return decoding.speculative_round(
+            self.target, self.drafter, active, gammas, static_pos, static_len, stats
+        )
 
-        Returns the seconds spent drafting and verifying.
-        """
-        runner = self.target
-        committed = np.array([len(r.tokens) - 1 for r in active])  # KV is committed up to the pending token
-        t0 = time.perf_counter()
-        drafted, q = self.drafter.draft(active, committed, gamma, static_pos, static_len)
-        t1 = time.perf_counter()
-        verify_tokens = np.concatenate([[r.tokens[-1], *d] for r, d in zip(active, drafted)])
-        seq_rows = np.repeat(np.arange(len(active)), gamma + 1)
-        positions = (committed[:, None] + np.arange(gamma + 1)).reshape(-1)
-        logits = runner.forward("verify", verify_tokens, seq_rows, positions, [r.seq_id for r in active])
-        logits = logits.reshape(len(active), gamma + 1, -1)
-        t2 = time.perf_counter()
-        stats.draft_seconds += t1 - t0
-        stats.verify_seconds += t2 - t1
-        stats.draft_steps += gamma
-        stats.verify_steps += 1
-        stats.decode_seconds += t2 - t0
-        stats.decode_steps += 1
-        for b, r in enumerate(active):
-            if r.params.greedy:
-                n_acc, nxt = verify_greedy(drafted[b], np.argmax(logits[b], axis=-1))
-            else:
-                p = probs_from_logits(logits[b], r.params.temperature, r.params.top_p)
-                n_acc, nxt = verify_rejection(drafted[b], q[b], p, r.rng)
-            kept = self._append(r, [*drafted[b][:n_acc], nxt], stop_at_eos)
-            runner.pages.set_length(r.seq_id, int(committed[b]) + kept)
-            self.drafter.after_verify(r, int(committed[b]), kept, n_acc, gamma)
-            r.accepted_lengths.append(n_acc + 1)
-            if r.acceptance is not None:
-                r.acceptance.observe(n_acc, gamma)
-            stats.drafted_tokens += gamma
-            stats.accepted_tokens += n_acc
-        return t1 - t0, t2 - t1
-
-    def _decode_speculative(
-        self, requests: list[SequenceState], stats: GenerationStats, stop_at_eos: bool, gamma: int
-    ) -> None:
+    def _decode_speculative(self, requests: list[SequenceState], stats: GenerationStats, gamma: int) -> None:
         static_all, len_all = pack_views([r.view for r in requests])
         row_of = {r.seq_id: i for i, r in enumerate(requests)}
         while active := [r for r in requests if not r.done]:
             rows = [row_of[r.seq_id] for r in active]
-            self._speculative_round(active, stats, stop_at_eos, gamma, static_all[rows], len_all[rows])
+            self._round(active, gamma, static_all[rows], len_all[rows], stats)
 
     def _decode_auto(
         self,
         requests: list[SequenceState],
         batch: PrefilledBatch,
         stats: GenerationStats,
-        stop_at_eos: bool,
         policy: AutoPolicy,
     ) -> None:
         """Each round, the policy's choice: a plain step, or speculation at its gamma and budget."""
@@ -338,9 +249,8 @@ class Engine:
             stats.auto_choices.append((len(active), choice.gamma, choice.budget))
             context = round(np.mean(contexts))
             if choice.gamma == 0:
-                t0 = time.perf_counter()
-                self._plain_step(active, stats, stop_at_eos)
-                policy.observe(choice, len(active), context, (time.perf_counter() - t0,))
+                seconds = decoding.plain_step(self.target, self.drafter, active, stats)
+                policy.observe(choice, len(active), context, (seconds,))
                 continue
             if choice.budget != packed_budget:  # a new budget: new views, timed as part of decoding
                 t0 = time.perf_counter()
@@ -352,9 +262,7 @@ class Engine:
                 packed_budget = choice.budget
                 stats.decode_seconds += time.perf_counter() - t0
             rows = [row_of[r.seq_id] for r in active]
-            seconds = self._speculative_round(
-                active, stats, stop_at_eos, choice.gamma, static_all[rows], len_all[rows]
-            )
+            seconds = self._round(active, choice.gamma, static_all[rows], len_all[rows], stats)
             policy.observe(choice, len(active), context, seconds)
 
     # ---------------------------------------------------------------------------------------------
@@ -448,16 +356,18 @@ class Engine:
             t0 = time.perf_counter()
             self.drafter.build_views(requests, batch)
             stats.prefill_seconds += time.perf_counter() - t0
-        for r, tok in zip(requests, self._choose(requests, batch.logits)):
-            self._append(r, [tok], stop_at_eos)
+        stop = frozenset(self.config.eos_token_ids) if stop_at_eos else frozenset()
+        for r, tok in zip(requests, decoding.choose(requests, batch.logits)):
+            r.stop_token_ids = stop
+            decoding.append(r, [tok])
         if policy is not None:
             for r in requests:
                 r.acceptance = Acceptance(policy.acceptance_curve, r.draft.budget)
-            self._decode_auto(requests, batch, stats, stop_at_eos, policy)
+            self._decode_auto(requests, batch, stats, policy)
         elif spec is not None:
-            self._decode_speculative(requests, stats, stop_at_eos, spec.gamma)
+            self._decode_speculative(requests, stats, spec.gamma)
         else:
-            self._decode_plain(requests, stats, stop_at_eos)
+            self._decode_plain(requests, stats)
         return [
             GenerationResult(
                 self.decode_text(r.output),

@@ -18,6 +18,13 @@ class _Owner(Protocol):
     def release(self, batch: PrefilledBatch) -> None: ...
 
 
+class ScoreCache(Protocol):
+    """Where the SnapKV scores of prompts are kept, ``(seq_id, window) -> [layers, kv_heads, prompt]``
+    (a prefilled batch, or the serving loop)."""
+
+    snapkv_scores: dict[tuple[int, int], np.ndarray]
+
+
 @dataclasses.dataclass
 class GenerationStats:
     """Timings and speculation figures of one ``generate`` call (shared by its sequences)."""
@@ -71,6 +78,7 @@ class SequenceState:
     view: CompressedView | None = None
     draft_len: int = 0  # positions with KV the drafter can read (its own pool, or the target's)
     acceptance: Acceptance | None = None  # running acceptance estimate (automatic speculation)
+    stop_token_ids: frozenset[int] = frozenset()  # generating one of these ends the sequence ("eos")
 
     @property
     def done(self) -> bool:

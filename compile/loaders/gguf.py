@@ -100,7 +100,14 @@ def load_gguf(path: Path) -> LoadedModel:
             f"bad metadata in {path}: {error_line(e)}; the file is corrupt or unsupported"
         ) from None
     weights = _gguf_weights(tensors, config, permute=arch in _PERMUTED_ARCHS, source=str(path))
-    return LoadedModel(config=config, weights=weights, tokenizer_json=tokenizer_json, source=str(path))
+    template = meta.get("tokenizer.chat_template")
+    return LoadedModel(
+        config=config,
+        weights=weights,
+        tokenizer_json=tokenizer_json,
+        source=str(path),
+        chat_template=template if isinstance(template, str) else None,
+    )
 
 
 def _f32(value: Any) -> float:

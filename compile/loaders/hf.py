@@ -66,7 +66,25 @@ def load_hf_folder(folder: Path) -> LoadedModel:
     check_tokenizer_json(tokenizer_json, str(tok_path))
 
     weights = _safetensors_weights(folder, config)
-    return LoadedModel(config=config, weights=weights, tokenizer_json=tokenizer_json, source=str(folder))
+    return LoadedModel(
+        config=config,
+        weights=weights,
+        tokenizer_json=tokenizer_json,
+        source=str(folder),
+        chat_template=_chat_template(folder),
+    )
+
+
+def _chat_template(folder: Path) -> str | None:
+    """The default chat template of ``tokenizer_config.json`` (a string, or a list of named templates)."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    template = read_json(path).get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
 
 
 def _safetensors_files(folder: Path) -> dict[str, Path]:

@@ -88,6 +88,7 @@ class LoadedModel:
     weights: WeightSource
     tokenizer_json: str  # a serialized ``tokenizers.Tokenizer`` (tokenizer.json contents)
     source: str  # the path it came from
+    chat_template: str | None = None  # jinja2, as transformers renders it (GGUF or tokenizer_config.json)
 
 
 def expected_weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

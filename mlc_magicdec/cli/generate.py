@@ -7,7 +7,14 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
-from .options import artifact_argument, one_line_errors, sampling_options, speculation_options, threads_option
+from .options import (
+    artifact_argument,
+    draft_model_option,
+    one_line_errors,
+    sampling_options,
+    speculation_options,
+    threads_option,
+)
 
 
 @click.command("generate")
@@ -23,12 +30,7 @@ from .options import artifact_argument, one_line_errors, sampling_options, specu
 @sampling_options
 @click.option("--speculate", is_flag=True, help="Use MagicDec self-speculative decoding.")
 @speculation_options
-@click.option(
-    "--draft-model",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Artifact of a smaller model with the same tokenizer to draft with (default: self-drafting).",
-)
+@draft_model_option
 @threads_option
 @one_line_errors
 def generate_cmd(

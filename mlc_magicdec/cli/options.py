@@ -84,6 +84,12 @@ threads_option = click.option(
     default=None,
     help="CPU threads for us and every peer (default: $TVM_NUM_THREADS, else all available CPUs).",
 )
+draft_model_option = click.option(
+    "--draft-model",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Artifact of a smaller model with the same tokenizer to draft with (default: self-drafting).",
+)
 json_option = click.option(
     "--json",
     "json_path",
