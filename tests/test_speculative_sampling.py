@@ -200,3 +200,49 @@ def test_three_token_distribution_is_the_target_distribution(setup, tree_logits,
     assert chi_square_p(cells, exact_distribution(tree_logits, 2.0 * temperature, tp)) < P_REJECT
     if nucleus:
         assert chi_square_p(cells, exact_distribution(tree_logits, temperature, 1.0)) < P_REJECT
+
+
+# ------------------------------------------------------------------------------------------------------
+# A live serving batch: requests of different temperatures share every speculative round
+
+SERVED_TEMPERATURES = (1.0, NUCLEUS_TEMPERATURE)
+
+
+def served_draws(setup) -> tuple[dict[float, np.ndarray], float]:
+    """``ROWS * CALLS / 2`` 3-token continuations per temperature from the serving loop, where each round
+    verifies requests of both temperatures (and a greedy one) together; and the acceptance rate."""
+    from mlc_magicdec.runtime.serving import GenerationConfig, ServeConfig, ServingEngine
+
+    _, engine, prompt, _ = setup
+    config = ServeConfig(speculate="on", draft="streamingllm", draft_budget=BAD_DRAFT.budget, gamma=GAMMA,
+                         max_running=ROWS + 1, max_batch_tokens=(ROWS + 1) * (PROMPT_LEN + 1),
+                         max_waiting=ROWS + 1, kv_capacity=(ROWS + 1) * CONTEXT)
+    serving = ServingEngine(Engine(engine.artifact.path), config)
+    tokens: dict[str, list[int]] = {}
+    temperature_of: dict[str, float] = {}
+
+    def sink(out):
+        tokens.setdefault(out.request_id, []).extend(out.token_ids)
+
+    for call in range(CALLS):
+        for i in range(ROWS):
+            t = SERVED_TEMPERATURES[i % 2]
+            rid = serving.submit(prompt, GenerationConfig(max_tokens=NEW, temperature=t, seed=call * ROWS + i,
+                                                          ignore_eos=True), sink)
+            temperature_of[rid] = t
+        serving.submit(prompt, GenerationConfig(max_tokens=NEW, ignore_eos=True), sink)  # a greedy one too
+        serving.run_until_idle()
+    cells = {t: [] for t in SERVED_TEMPERATURES}
+    for rid, t in temperature_of.items():
+        cells[t].append(np.asarray(tokens[rid]) @ (VOCAB ** np.arange(NEW - 1, -1, -1)))
+    return {t: np.array(c) for t, c in cells.items()}, serving.stats.acceptance_rate
+
+
+def test_mixed_temperatures_in_a_live_batch_keep_each_requests_distribution(setup, tree_logits):
+    cells, acceptance = served_draws(setup)
+    assert 0.05 < acceptance < 0.95, acceptance
+    for t, draws_t in cells.items():
+        assert len(draws_t) == ROWS * CALLS // 2
+        p_value = chi_square_p(draws_t, exact_distribution(tree_logits, t))
+        assert p_value > P_MIN, f"T={t}: p = {p_value:.2e}: the draws do not follow the target distribution"
+        assert chi_square_p(draws_t, exact_distribution(tree_logits, 2.0 * t)) < P_REJECT

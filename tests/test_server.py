@@ -1,0 +1,287 @@
+"""The OpenAI-compatible server, driven over HTTP on 127.0.0.1 by the official ``openai`` client (streaming
+included) and by raw requests for what a client library would refuse to send. The oracles: plain greedy
+decoding of the same prompt, and transformers' own rendering of the chat template."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+
+import httpx2 as httpx
+import pytest
+import uvicorn
+from openai import OpenAI
+
+from mlc_magicdec.compile.build import compile_model
+from mlc_magicdec.interface.serve import create_app
+from mlc_magicdec.runtime.engine import Engine
+from mlc_magicdec.runtime.serving import ServeConfig
+from mlc_magicdec.runtime.serving.async_engine import AsyncEngine
+
+# a ChatML-style template that uses the special tokens and a loop variable, as real ones do
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<sys>be brief</sys>\n"
+    "{% endif %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+class Server:
+    """uvicorn serving ``create_app`` in a thread, on a free port of 127.0.0.1."""
+
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = uvicorn.Config(
+            create_app(engine, "tiny"), host="127.0.0.1", port=self.port, log_level="error"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join()
+        self.engine.close()
+
+    def post(self, path: str, body: str) -> httpx.Response:
+        return httpx.post(self.url + path, content=body, headers={"content-type": "application/json"})
+
+    def metric(self, name: str, labels: dict | None = None) -> float | None:
+        return self.engine.metrics.registry.get_sample_value(name, labels or {})
+
+
+@pytest.fixture(scope="module")
+def chat_artifact(tiny_models, tmp_path_factory):
+    folder, _, _ = tiny_models("llama")
+    root = tmp_path_factory.mktemp("chat")
+    shutil.copytree(folder, root / "hf")
+    (root / "hf" / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    return compile_model(root / "hf", root / "artifact", target="llvm", quiet=True)
+
+
+@pytest.fixture(scope="module")
+def server(chat_artifact):
+    s = Server(AsyncEngine(chat_artifact, ServeConfig(speculate="on", draft_budget=40, max_waiting=8)))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def plain(chat_artifact):
+    engine = Engine(chat_artifact)
+    return lambda prompt, n: engine.generate(prompt, max_new_tokens=n, stop_at_eos=False)[0]
+
+
+GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
+
+
+def test_completion_equals_plain_greedy_decoding(server, plain):
+    r = server.client.completions.create(model="tiny", prompt="abc def ghi", max_tokens=24, **GREEDY)
+    want = plain("abc def ghi", 24)
+    assert r.choices[0].text == want.text and r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (want.prompt_tokens, 24)
+    assert r.object == "text_completion" and r.model == "tiny"
+
+
+def test_streamed_completion_equals_the_whole_one_and_reports_usage(server, plain):
+    chunks = list(
+        server.client.completions.create(
+            model="tiny",
+            prompt="klm nop",
+            max_tokens=20,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == plain("klm nop", 20).text
+    assert len([c for c in chunks if c.choices]) > 2  # it really streamed
+    assert chunks[-1].usage.completion_tokens == 20 and not chunks[-1].choices
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_renders_the_models_template_as_transformers_does(server, plain, chat_artifact):
+    from transformers import PreTrainedTokenizerFast
+
+    messages = [{"role": "user", "content": "hello there"}]
+    hf = PreTrainedTokenizerFast(
+        tokenizer_file=str(chat_artifact / "tokenizer.json"), bos_token="<s>", eos_token="</s>"
+    )
+    prompt = hf.apply_chat_template(
+        messages, chat_template=TEMPLATE, tokenize=False, add_generation_prompt=True
+    )
+    assert prompt.startswith("<s><sys>be brief</sys>\n<user>hello there</user>\n<assistant>")
+    r = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, **GREEDY)
+    ids = hf(prompt, add_special_tokens=False)["input_ids"]
+    assert r.choices[0].message.content == plain(ids, 16).text
+    assert r.choices[0].message.role == "assistant" and r.usage.prompt_tokens == len(ids)
+    stream = server.client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=16, stream=True, **GREEDY
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == plain(ids, 16).text
+
+
+def test_concurrent_clients_each_get_their_own_plain_output(server, plain):
+    prompts = ["abc", "defgh ij" * 5, "k", "lmnop " * 12]
+    results = [None] * len(prompts)
+
+    def ask(i):
+        results[i] = server.client.completions.create(
+            model="tiny", prompt=prompts[i], max_tokens=12 + i, **GREEDY
+        )
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, p in enumerate(prompts):
+        assert results[i].choices[0].text == plain(p, 12 + i).text
+
+
+@pytest.mark.parametrize(
+    "body,words",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"prompt": 5}', "prompt"),
+        ('{"prompt": "abc", "max_tokens": "9"}', "max_tokens"),
+        ('{"prompt": "abc", "temperature": -0.5}', "temperature"),
+        ('{"prompt": "abc", "n": 2}', "n"),
+        ('{"prompt": "abc", "speculate": "sometimes"}', "speculate"),
+        ('{"prompt": "' + "a" * 600 + '"}', "context window"),
+        ('{"prompt": [1, 100000]}', "vocabulary"),
+        ("[1, 2]", "body"),
+    ],
+)
+def test_bad_requests_get_a_400_with_an_openai_error_body(server, body, words):
+    r = server.post("/v1/completions", body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert words in error["message"] and "\n" not in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert server.client.models.list().data[0].id == "tiny"  # the server is unaffected
+
+
+def test_a_bad_chat_request_gets_a_400(server):
+    r = server.post("/v1/chat/completions", '{"messages": []}')
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    r = server.post("/v1/chat/completions", '{"messages": [{"content": "no role"}]}')
+    assert r.status_code == 400
+
+
+def test_a_client_that_disconnects_mid_stream_aborts_its_request(server):
+    before = server.metric("mlc_magicdec_requests_total", {"reason": "abort"}) or 0.0
+    body = {"prompt": "abc", "max_tokens": 400, "stream": True, "temperature": 0, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # one chunk, then hang up
+    deadline = time.time() + 30
+    while (
+        time.time() < deadline
+        and (server.metric("mlc_magicdec_requests_total", {"reason": "abort"}) or 0) == before
+    ):
+        time.sleep(0.05)
+    assert server.metric("mlc_magicdec_requests_total", {"reason": "abort"}) == before + 1
+    while time.time() < deadline and server.metric("mlc_magicdec_kv_pages_used") != 0:
+        time.sleep(0.05)
+    assert server.metric("mlc_magicdec_kv_pages_used") == 0
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+def test_metrics_report_the_loop(server):
+    server.client.completions.create(model="tiny", prompt="abcabc", max_tokens=10, **GREEDY)
+    text = httpx.get(server.url + "/metrics").text
+    for name in (
+        "requests_running",
+        "requests_waiting",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "speculative_rounds_total",
+        "draft_tokens_total",
+        "accepted_tokens_total",
+        "acceptance_rate",
+        "accepted_length",
+        "step_seconds_bucket",
+        "kv_pages_used",
+        "kv_pages_free",
+        "preemptions_total",
+    ):
+        assert f"mlc_magicdec_{name}" in text, name
+    assert server.metric("mlc_magicdec_speculative_rounds_total") > 0
+    assert server.metric("mlc_magicdec_step_seconds_count", {"phase": "verify"}) > 0
+
+
+def test_a_full_queue_gets_a_429(chat_artifact):
+    engine = AsyncEngine(chat_artifact, ServeConfig(speculate="off", max_waiting=1))
+    gate = threading.Event()
+    step = engine.serving.step
+    engine.serving.step = lambda: (gate.wait(), step())  # the loop holds still until the gate opens
+    s = Server(engine)
+    try:
+        first = threading.Thread(
+            target=s.post, args=("/v1/completions", '{"prompt": "abc", "max_tokens": 2}')
+        )
+        first.start()
+        deadline = time.time() + 10
+        while engine.serving._queued == 0 and time.time() < deadline:
+            time.sleep(0.02)
+        r = s.post("/v1/completions", '{"prompt": "abc", "max_tokens": 2}')
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        gate.set()
+        first.join()
+        assert s.post("/v1/completions", '{"prompt": "abc", "max_tokens": 2}').status_code == 200
+    finally:
+        gate.set()
+        s.close()
+
+
+def test_smollm2_chat_over_http_equals_plain_decoding_of_its_gguf_template(smollm2_artifact, smollm2_gguf):
+    """The real model: its GGUF chat template rendered as transformers renders it, and concurrent chats
+    (speculating automatically) each equal to plain greedy decoding of their rendered prompt."""
+    from gguf import GGUFReader
+    from transformers import PreTrainedTokenizerFast
+
+    field = GGUFReader(str(smollm2_gguf)).fields["tokenizer.chat_template"]
+    template = bytes(field.parts[field.data[0]]).decode()
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(smollm2_artifact / "tokenizer.json"))
+    chats = [
+        [{"role": "user", "content": "Who wrote Emma?"}],
+        [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}],
+    ]
+    s = Server(AsyncEngine(smollm2_artifact, ServeConfig(speculate="auto", max_running=4)))
+    try:
+        replies = [None] * len(chats)
+
+        def ask(i):
+            replies[i] = s.client.chat.completions.create(
+                model="tiny", messages=chats[i], max_tokens=16, **GREEDY
+            )
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(chats))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        engine = Engine(smollm2_artifact)
+        for chat, reply in zip(chats, replies):
+            prompt = hf.apply_chat_template(
+                chat, chat_template=template, tokenize=False, add_generation_prompt=True
+            )
+            ids = hf(prompt, add_special_tokens=False)["input_ids"]
+            [want] = engine.generate(ids, max_new_tokens=16, stop_at_eos=False)
+            assert reply.choices[0].message.content == want.text
+            assert reply.usage.prompt_tokens == len(ids)
+    finally:
+        s.close()
