@@ -16,6 +16,7 @@ from ..constants import KV_TENSORS, PAGE_SIZE, QUERY_TILE
 from .artifact import Artifact
 from .kv import KVPoolExhausted, PagePool
 
+MAX_POOL_ELEMENTS = 2**31 - 1  # the attention and append kernels index the pool with int32 offsets
 SYNTHETIC_SEQ_BASE = 1 << 30  # sequence ids for synthetic timing sequences (never clash with real ones)
 
 
@@ -53,12 +54,23 @@ class ModelRunner:
                 f"release earlier prefilled batches, raise kv_capacity, or use a smaller batch"
             )
         num_pages = max(capacity or 0, free_pages)
+        if num_pages > self.max_pages:
+            raise KVPoolExhausted(
+                f"a KV pool of {num_pages * PAGE_SIZE} tokens is over the {self.max_pages * PAGE_SIZE} the "
+                f"kernels can index (32-bit offsets); use a smaller batch or kv_capacity"
+            )
         c = self.cfg
         shape = (c.num_layers, num_pages, KV_TENSORS, c.num_kv_heads, PAGE_SIZE * c.head_dim)
         self.pool_tensor = None  # free the old pool first
         self.pool_tensor = tvm.runtime.empty(shape, self.artifact.dtype, self.device)
         self.pages = PagePool(num_pages, PAGE_SIZE)
         return self.pages
+
+    @property
+    def max_pages(self) -> int:
+        """The largest pool the kernels index with 32-bit offsets."""
+        c = self.cfg
+        return MAX_POOL_ELEMENTS // (c.num_layers * KV_TENSORS * c.num_kv_heads * PAGE_SIZE * c.head_dim)
 
     @contextmanager
     def synthetic_batch(self, batch: int, context: int, slack: int) -> Iterator[list[int]]:

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
 
 import httpx2 as httpx
 import pytest
-import uvicorn
 from openai import OpenAI
 
 from mlc_magicdec.compile.build import compile_model
-from mlc_magicdec.interface.serve import create_app
+from mlc_magicdec.interface.serve import BackgroundServer
 from mlc_magicdec.runtime.engine import Engine
 from mlc_magicdec.runtime.serving import ServeConfig
 from mlc_magicdec.runtime.serving.async_engine import AsyncEngine
@@ -29,29 +27,12 @@ TEMPLATE = (
 )
 
 
-class Server:
-    """uvicorn serving ``create_app`` in a thread, on a free port of 127.0.0.1."""
+class Server(BackgroundServer):
+    """The real server in a thread, with the official client and raw requests."""
 
     def __init__(self, engine: AsyncEngine):
-        self.engine = engine
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        config = uvicorn.Config(
-            create_app(engine, "tiny"), host="127.0.0.1", port=self.port, log_level="error"
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(engine, "tiny")
         self.client = OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join()
-        self.engine.close()
 
     def post(self, path: str, body: str) -> httpx.Response:
         return httpx.post(self.url + path, content=body, headers={"content-type": "application/json"})
@@ -285,3 +266,27 @@ def test_smollm2_chat_over_http_equals_plain_decoding_of_its_gguf_template(smoll
             assert reply.usage.prompt_tokens == len(ids)
     finally:
         s.close()
+
+
+def test_the_load_benchmark_soaks_the_server_without_losing_a_request(chat_artifact, tmp_path):
+    """``bench serve`` end to end on a tiny model: every mode on one schedule, clients that hang up, malformed
+    requests and a pool small enough to preempt; no well-formed request is lost and every completed one
+    equals its plain single run."""
+    from mlc_magicdec.bench.serve_load import LoadConfig
+    from mlc_magicdec.interface.bench_serve import serve_load_bench
+
+    load = LoadConfig(context=(20, 120), rates=(float("inf"), 50.0), requests=24, output_tokens=12,
+                      modes=("off", "on"), seed=3, disconnect=0.15, malformed=0.15)
+    serving = ServeConfig(max_running=8, max_batch_tokens=200, kv_capacity=16 * 24, draft_budget=40)
+    out = serve_load_bench(chat_artifact, load, serving, check=True, json_path=tmp_path / "load.json",
+                           plot_path=tmp_path / "load.png")
+    kinds = [r["kind"] for r in out["runs"][0]["records"]]
+    assert kinds.count("malformed") and kinds.count("disconnect")
+    for run in out["runs"]:
+        assert run["lost"] == 0 and not run["errors"], run["errors"]
+        assert run["malformed_rejected"] == kinds.count("malformed")
+        assert run["completed"] == kinds.count("ok")
+    assert out["plain_check"]["checked"] == 4 * kinds.count("ok") and not out["plain_check"]["mismatches"]
+    assert out["preemptions_total"] > 0 and out["health_after"] == 200
+    assert json.loads((tmp_path / "load.json").read_text())["runs"][1]["mode"] == "on"
+    assert (tmp_path / "load.png").stat().st_size > 0

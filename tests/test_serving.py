@@ -191,3 +191,13 @@ def test_the_text_stream_without_stop_strings_streams_everything():
         s.push(ids(ch))
         pieces.append(s.delta())
     assert "".join(pieces) == "streamed text" and pieces[0] == "s"
+
+
+def test_a_pool_the_kernels_cannot_index_is_refused_in_one_line(tiny_models):
+    from mlc_magicdec.runtime.kv import KVPoolExhausted
+    from mlc_magicdec.runtime.runner import ModelRunner
+
+    _, _, artifact = tiny_models("llama")
+    runner = ModelRunner(Engine(artifact).artifact)
+    with pytest.raises(KVPoolExhausted, match="32-bit offsets"):
+        runner.ensure_pool(runner.max_pages + 1)

@@ -17,6 +17,7 @@ from .options import (
     json_option,
     measurement_options,
     one_line_errors,
+    serving_options,
     texts_option,
     threads_option,
 )
@@ -179,3 +180,142 @@ def resources_cmd(artifact: Path, json_path) -> None:
     from ..interface.bench import show_resources
 
     show_resources(artifact, json_path=json_path)
+
+
+def token_range(_ctx, _param, value: str) -> tuple[int, int]:
+    try:
+        lo, _, hi = value.partition("-")
+        bounds = (int(lo), int(hi or lo))
+    except ValueError:
+        raise click.BadParameter(f"expected a token range such as 2048-8192, got {value!r}") from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise click.BadParameter(f"expected 1 <= low <= high, got {value!r}")
+    return bounds
+
+
+def csv_rates(_ctx, _param, value: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated requests/s (or inf), got {value!r}") from None
+    if not rates or any(r <= 0 for r in rates):
+        raise click.BadParameter(f"rates must be positive, got {value!r}")
+    return rates
+
+
+def csv_modes(_ctx, _param, value: str) -> tuple[str, ...]:
+    modes = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [m for m in modes if m not in ("auto", "on", "off")]
+    if bad or not modes:
+        raise click.BadParameter(f"modes are auto, on and off, got {value!r}")
+    return modes
+
+
+def fraction(_ctx, _param, value: float) -> float:
+    if not 0.0 <= value < 1.0:
+        raise click.BadParameter(f"expected a fraction in [0, 1), got {value}")
+    return value
+
+
+@bench.command("serve")
+@artifact_argument
+@click.option("--url", default=None, help="A running server to load (default: start one in this process).")
+@click.option(
+    "--context",
+    callback=token_range,
+    default="2048-8192",
+    show_default=True,
+    help="Prompt lengths in tokens, uniform over LOW-HIGH (Austen excerpts).",
+)
+@click.option(
+    "--rate",
+    "rates",
+    callback=csv_rates,
+    default="0.2,0.5,1,2",
+    show_default=True,
+    help="Poisson arrival rates in requests/s (comma-separated; inf sends all at once).",
+)
+@click.option(
+    "--concurrency", type=int, default=None, help="Keep this many requests in flight instead of --rate."
+)
+@click.option("--requests", type=int, default=64, show_default=True, help="Requests per mode and rate.")
+@click.option(
+    "--output-tokens", type=int, default=256, show_default=True, help="Tokens generated per request."
+)
+@click.option(
+    "--speculate",
+    "modes",
+    callback=csv_modes,
+    default="off,auto",
+    show_default=True,
+    help="Modes to run on the same arrivals (comma-separated).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of prompts and arrivals.")
+@click.option(
+    "--disconnect",
+    callback=fraction,
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Fraction of clients that hang up mid-stream.",
+)
+@click.option(
+    "--malformed",
+    callback=fraction,
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Fraction of requests sent malformed (each must get a 400).",
+)
+@click.option("--check", is_flag=True, help="Compare every completed response with its plain single run.")
+@serving_options
+@texts_option
+@threads_option
+@json_option
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="PNG of output tokens/s against median time per output token, one curve per mode.",
+)
+@one_line_errors
+def serve_cmd(
+    artifact: Path,
+    url,
+    texts,
+    threads,
+    json_path,
+    plot_path,
+    check,
+    context,
+    rates,
+    concurrency,
+    requests,
+    output_tokens,
+    modes,
+    seed,
+    disconnect,
+    malformed,
+    **serving,
+) -> None:
+    """Load a server with Poisson arrivals (or a fixed concurrency) in every --speculate mode: throughput,
+    TTFT, TPOT, acceptance and errors, and the throughput/latency plot."""
+    from ..bench.serve_load import LoadConfig
+    from ..interface.bench_serve import serve_load_bench
+    from ..runtime.serving import ServeConfig
+
+    load = LoadConfig(
+        context, rates, concurrency, requests, output_tokens, modes, seed, disconnect, malformed
+    )
+    serve_load_bench(
+        artifact,
+        load,
+        ServeConfig(**serving),
+        url=url,
+        texts=texts,
+        threads=threads,
+        check=check,
+        json_path=json_path,
+        plot_path=plot_path,
+    )

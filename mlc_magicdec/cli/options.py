@@ -10,7 +10,13 @@ from pathlib import Path
 
 import click
 
-from ..constants import DEFAULT_DRAFT, DRAFT_KINDS
+from ..constants import (
+    DEFAULT_DRAFT,
+    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_MAX_RUNNING,
+    DEFAULT_MAX_WAITING,
+    DRAFT_KINDS,
+)
 from ..errors import UserError, one_line
 
 
@@ -210,5 +216,40 @@ speculation_options = group(
         show_default=True,
         help="Draft tokens per verification, or 'auto' to choose per round (and decode plainly where "
         "speculation would not pay).",
+    ),
+)
+
+
+serving_options = group(  # the serving loop's settings (serve, bench serve)
+    click.option(
+        "--draft", type=click.Choice(DRAFT_KINDS), default=None, help="Draft view (default: the artifact's)."
+    ),
+    click.option("--draft-budget", type=int, default=None, help="Default draft KV budget, in tokens."),
+    click.option(
+        "--max-running",
+        type=int,
+        default=DEFAULT_MAX_RUNNING,
+        show_default=True,
+        help="Most requests admitted at once.",
+    ),
+    click.option(
+        "--max-batch-tokens",
+        type=int,
+        default=DEFAULT_MAX_BATCH_TOKENS,
+        show_default=True,
+        help="Most tokens per step: one per running request plus a prefill chunk.",
+    ),
+    click.option(
+        "--max-waiting",
+        type=int,
+        default=DEFAULT_MAX_WAITING,
+        show_default=True,
+        help="Most queued requests; more get HTTP 429.",
+    ),
+    click.option(
+        "--kv-capacity",
+        type=int,
+        default=None,
+        help="KV pool size in tokens (default: max-running full windows, within half the free memory).",
     ),
 )

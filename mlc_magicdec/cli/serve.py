@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..constants import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_RUNNING, DEFAULT_MAX_WAITING, DRAFT_KINDS
-from .options import artifact_argument, draft_model_option, one_line_errors, threads_option
+from .options import artifact_argument, draft_model_option, one_line_errors, serving_options, threads_option
 
 
 @click.command("serve")
@@ -22,38 +21,8 @@ from .options import artifact_argument, draft_model_option, one_line_errors, thr
     help="Default for requests that do not set it: speculate when the cost model predicts a gain, "
     "always, or never.",
 )
-@click.option(
-    "--draft", type=click.Choice(DRAFT_KINDS), default=None, help="Draft view (default: the artifact's)."
-)
-@click.option("--draft-budget", type=int, default=None, help="Default draft KV budget, in tokens.")
+@serving_options
 @draft_model_option
-@click.option(
-    "--max-running",
-    type=int,
-    default=DEFAULT_MAX_RUNNING,
-    show_default=True,
-    help="Most requests admitted at once.",
-)
-@click.option(
-    "--max-batch-tokens",
-    type=int,
-    default=DEFAULT_MAX_BATCH_TOKENS,
-    show_default=True,
-    help="Most tokens per step: one per running request plus a prefill chunk.",
-)
-@click.option(
-    "--max-waiting",
-    type=int,
-    default=DEFAULT_MAX_WAITING,
-    show_default=True,
-    help="Most queued requests; more get HTTP 429.",
-)
-@click.option(
-    "--kv-capacity",
-    type=int,
-    default=None,
-    help="KV pool size in tokens (default: max-running full windows, within half the free memory).",
-)
 @threads_option
 @one_line_errors
 def serve_cmd(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -150,6 +151,8 @@ async def _sse(stream: RequestStream, meta: dict, chat: bool, include_usage: boo
             if out.text or out.finished:
                 finish = out.finish_reason if out.finish_reason != "abort" else "stop"
                 chunk = {**meta, "object": kind, "choices": [_choice(chat, out.text, finish, delta=True)]}
+                if out.finished:
+                    chunk["timing"] = out.timing  # an extension: queueing, prefill and decode seconds
                 yield f"data: {json.dumps(chunk)}\n\n"
             if out.finished and include_usage:
                 yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': _usage(out)})}\n\n"
@@ -176,7 +179,45 @@ async def _whole(stream: RequestStream, request: Request, meta: dict, chat: bool
         return _error(500, last.error or "internal error", "server_error")
     kind = "chat.completion" if chat else "text_completion"
     choice = _choice(chat, "".join(text), last.finish_reason, delta=False)
-    return JSONResponse({**meta, "object": kind, "choices": [choice], "usage": _usage(last)})
+    return JSONResponse(
+        {**meta, "object": kind, "choices": [choice], "usage": _usage(last), "timing": last.timing}
+    )
+
+
+class BackgroundServer:
+    """uvicorn serving ``engine`` in a thread on ``host`` (a free port unless ``port`` is given), for the
+    load benchmark and tests; ``close`` stops the server and the engine."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str, host: str = "127.0.0.1", port: int = 0):
+        import socket
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.engine = engine
+        config = uvicorn.Config(create_app(engine, model_name), host=host, port=port, log_level="error")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="mlc-magicdec-http", daemon=True)
+        self.thread.start()
+        while not self.server.started and self.thread.is_alive():
+            time.sleep(0.02)
+        if not self.server.started:
+            raise UserError(f"cannot serve on {host}:{port}; is the port in use?")
+        self.url = f"http://{host}:{port}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join()
+        self.engine.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def serve(

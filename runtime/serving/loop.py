@@ -6,7 +6,7 @@ A step (``ServingEngine.step``):
 2. **admit**: first come, first served, up to ``max_running`` (``scheduler.py``);
 3. **prefill**: one chunk of at most ``max_batch_tokens`` prompt tokens over the admitted requests, so the
    running ones keep streaming while a long prompt prefills; a request whose prefill ends gets its first
-   token and its draft view (SnapKV scores the prompt's last window then), and runs from the next round;
+   token and runs from the next round (its draft view is built when it first drafts);
 4. **decode**: one plain step or one speculative round for the running batch. The policy picks a gamma and
    budget for requests on ``auto`` (or a plain step when speculation would not pay), ``on`` requests always
    draft, ``off`` requests take a plain step inside the round. Each request keeps its own sampling,
@@ -92,7 +92,9 @@ def default_kv_capacity(engine: Engine, max_running: int) -> int:
         free = device.total_global_memory - sum(s.param_count * s.dtype_bytes for s in specs)
     per_token = sum(s.kv_bytes_per_token for s in specs)
     tokens = min(
-        max_running * engine.config.context_window, int(KV_MEMORY_FRACTION * max(free, 0) / per_token)
+        max_running * engine.config.context_window,
+        int(KV_MEMORY_FRACTION * max(free, 0) / per_token),
+        min(r.max_pages for r in engine.runners) * PAGE_SIZE,
     )
     return max(PAGE_SIZE, tokens // PAGE_SIZE * PAGE_SIZE)
 
@@ -305,8 +307,6 @@ class ServingEngine:
         if seq.acceptance is None:  # the policy weighs every running sequence
             curve = self._policy.acceptance_curve if self._policy else prior_curve
             seq.acceptance = Acceptance(curve, seq.draft.budget)
-        if r.speculate != "off" and seq.view is None:
-            self.engine.drafter.build_views([seq], self._scores)
         self.scheduler.promote(r)
         self._emit(r)
 
@@ -332,9 +332,7 @@ class ServingEngine:
             if choice is not None and choice.gamma == 0:
                 self._policy.observe(choice, len(seqs), round(np.mean(contexts)), (seconds,))
         else:
-            for r, g in zip(batch, gammas):
-                if g:
-                    self._set_budget(r, choice)
+            self._prepare_views([r for r, g in zip(batch, gammas) if g], choice)
             static_pos, static_len = pack_views([s.view for s, g in zip(seqs, gammas) if g])
             before = [len(s.output) for s in seqs]
             drafted, accepted = self.stats.drafted_tokens, self.stats.accepted_tokens
@@ -386,17 +384,29 @@ class ServingEngine:
         )
         return max(0, min(gamma, room))
 
-    def _set_budget(self, r: ServeRequest, choice: Choice | None) -> None:
-        """Rebuild ``r``'s view when the budget it should draft with changed (the policy's, on ``auto``)."""
-        want = r.config.draft_budget or (
-            choice.budget
-            if r.speculate == "auto" and choice is not None and choice.gamma
-            else r.seq.draft.budget
-        )
-        if want != r.seq.draft.budget:
-            r.seq.draft = dataclasses.replace(r.seq.draft, budget=want)
-            r.seq.acceptance.budget = want
-            self.engine.drafter.build_views([r.seq], self._scores)
+    def _prepare_views(self, drafting: list[ServeRequest], choice: Choice | None) -> None:
+        """Build the views of requests drafting for the first time, and rebuild those whose budget changed
+        (the policy's, on ``auto``), in one call. A view is built when first needed, so a request that
+        never drafts never pays for one (SnapKV scores its prompt's last window then: the prompt's KV is
+        still the same)."""
+        build = []
+        for r in drafting:
+            seq = r.seq
+            want = r.config.draft_budget or (
+                choice.budget
+                if r.speculate == "auto" and choice is not None and choice.gamma
+                else seq.draft.budget
+            )
+            if want != seq.draft.budget:
+                seq.draft = dataclasses.replace(seq.draft, budget=want)
+                seq.acceptance.budget = want
+                build.append(seq)
+            elif seq.view is None:
+                build.append(seq)
+        if build:
+            t0 = time.perf_counter()
+            self.engine.drafter.build_views(build, self._scores)
+            self.metrics.step_seconds.labels("views").observe(time.perf_counter() - t0)
 
     # ---------------------------------------------------------------------------------------------
     # Results
@@ -425,7 +435,9 @@ class ServingEngine:
                 self._queued -= 1
         self.metrics.requests.labels(reason).inc()
         usage = Usage(len(r.seq.prompt), len(r.seq.output))
-        self._send(r, RequestOutput(r.request_id, r.text.delta(final=True), list(new), reason, usage, error))
+        out = RequestOutput(r.request_id, r.text.delta(final=True), list(new), reason, usage, error)
+        out.timing = {**r.timeline.seconds(), "preemptions": r.preemptions}
+        self._send(r, out)
         self._sinks.pop(r.request_id, None)
 
     def _send(self, r: ServeRequest, out: RequestOutput) -> None:

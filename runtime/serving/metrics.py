@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 PREFIX = "mlc_magicdec"
 # step seconds: from a fast GPU decode step to a long CPU prefill chunk
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-PHASES = ("prefill", "decode", "draft", "verify")
+PHASES = ("prefill", "decode", "draft", "verify", "views")  # views: building draft views
 
 
 class ServeMetrics:
@@ -43,6 +43,8 @@ class ServeMetrics:
             labelnames=["phase"],
             buckets=STEP_BUCKETS,
         )
+        for phase in PHASES:
+            self.step_seconds.labels(phase)  # every phase is exported from the start
         self.kv_pages_used = metric(Gauge, "kv_pages_used", "KV pages held by admitted requests.")
         self.kv_pages_free = metric(Gauge, "kv_pages_free", "Free KV pages.")
         self.preemptions = metric(

@@ -81,6 +81,7 @@ class RequestOutput:
     finish_reason: str | None = None
     usage: Usage | None = None
     error: str | None = None
+    timing: dict[str, float] | None = None  # once finished: Timeline.seconds()
 
     @property
     def finished(self) -> bool:
@@ -95,6 +96,18 @@ class Timeline:
     admitted: float | None = None
     first_token: float | None = None
     finished: float | None = None
+
+    def seconds(self) -> dict[str, float]:
+        """``queue_s`` (arrival to admission), ``prefill_s`` (admission to the first token; it includes the
+        steps of other requests in between) and ``decode_s`` (first token to the end)."""
+        out = {}
+        if self.admitted is not None:
+            out["queue_s"] = self.admitted - self.arrival
+            if self.first_token is not None:
+                out["prefill_s"] = self.first_token - self.admitted
+                if self.finished is not None:
+                    out["decode_s"] = self.finished - self.first_token
+        return out
 
 
 @dataclasses.dataclass(eq=False)
