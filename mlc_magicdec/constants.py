@@ -16,6 +16,7 @@ DEFAULT_DRAFT = "snapkv"  # the view used when neither the caller nor the artifa
 GPU_TARGETS = ("cuda", "metal", "vulkan")
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 # serving (the loop and its command line): requests admitted at once, tokens per step, queued requests
+SPECULATE_MODES = ("auto", "on", "off")  # per request: follow the policy, always draft, never draft
 DEFAULT_MAX_RUNNING = 32
 DEFAULT_MAX_BATCH_TOKENS = 2048
 DEFAULT_MAX_WAITING = 256

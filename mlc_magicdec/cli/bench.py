@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..constants import DEFAULT_DRAFT, DRAFT_KINDS
+from ..constants import DEFAULT_DRAFT, DRAFT_KINDS, SPECULATE_MODES
 from .options import (
     artifact_argument,
     batch_context_options,
@@ -205,9 +205,9 @@ def csv_rates(_ctx, _param, value: str) -> tuple[float, ...]:
 
 def csv_modes(_ctx, _param, value: str) -> tuple[str, ...]:
     modes = tuple(v.strip() for v in value.split(",") if v.strip())
-    bad = [m for m in modes if m not in ("auto", "on", "off")]
+    bad = [m for m in modes if m not in SPECULATE_MODES]
     if bad or not modes:
-        raise click.BadParameter(f"modes are auto, on and off, got {value!r}")
+        raise click.BadParameter(f"modes are {', '.join(SPECULATE_MODES)}; got {value!r}")
     return modes
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..constants import SPECULATE_MODES
 from .options import artifact_argument, draft_model_option, one_line_errors, serving_options, threads_option
 
 
@@ -15,7 +16,7 @@ from .options import artifact_argument, draft_model_option, one_line_errors, ser
 @click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
 @click.option(
     "--speculate",
-    type=click.Choice(["auto", "on", "off"]),
+    type=click.Choice(SPECULATE_MODES),
     default="auto",
     show_default=True,
     help="Default for requests that do not set it: speculate when the cost model predicts a gain, "

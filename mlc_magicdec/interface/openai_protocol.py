@@ -7,8 +7,6 @@ string where a number belongs is a 400, not a silent conversion. ``speculate``, 
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..runtime.serving import GenerationConfig
@@ -33,7 +31,7 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)  # one choice per request
     ignore_eos: bool = False
-    speculate: Literal["auto", "on", "off"] | None = None
+    speculate: str | None = None  # checked by GenerationConfig.validate
     draft_budget: int | None = Field(default=None, ge=1)
     gamma: int | None = Field(default=None, ge=1)
 

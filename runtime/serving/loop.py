@@ -31,6 +31,7 @@ from ...constants import (
     DEFAULT_MAX_WAITING,
     DTYPE_BYTES,
     PAGE_SIZE,
+    SPECULATE_MODES,
 )
 from .. import decoding
 from ..autospec import AUTO_BUDGETS, AUTO_MAX_GAMMA, Acceptance, AutoPolicy, Choice, prior_curve
@@ -40,7 +41,7 @@ from ..sequences import GenerationStats, SequenceState
 from ..speculation import DEFAULT_GAMMA, RequestError
 from ..views import DraftSettings, pack_views
 from .metrics import ServeMetrics
-from .request import SPECULATE_MODES, GenerationConfig, RequestOutput, ServeRequest, Usage
+from .request import GenerationConfig, RequestOutput, ServeRequest, Usage
 from .scheduler import Scheduler
 from .textstream import TextStream
 
@@ -122,8 +123,9 @@ class ServingEngine:
     """A continuous batch over one ``Engine``'s compiled model; drive it with ``step`` (one thread)."""
 
     def __init__(
-        self, engine: Engine, config: ServeConfig = ServeConfig(), metrics: ServeMetrics | None = None
+        self, engine: Engine, config: ServeConfig | None = None, metrics: ServeMetrics | None = None
     ):
+        config = config or ServeConfig()
         config.validate()
         self.engine, self.config = engine, config
         self.metrics = metrics or ServeMetrics()

@@ -6,12 +6,12 @@ import dataclasses
 import math
 import time
 
+from ...constants import SPECULATE_MODES
 from ..sampling import SamplingParams
 from ..sequences import SequenceState
 from ..speculation import MAX_GAMMA, RequestError
 from .textstream import TextStream
 
-SPECULATE_MODES = ("auto", "on", "off")  # per request: follow the policy, always draft, never draft
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 16
 
