@@ -10,10 +10,13 @@ budget) from
 
 and picks the fastest::
 
-    plain       = B / T_T(B, L)
-    speculative = sum_i Omega(gamma, alpha_i(K)) / (gamma * T_D(B, K) + T_V(B, L, gamma))
+    plain       = B / (S + T_T(B, L))
+    speculative = sum_i Omega(gamma, alpha_i(K)) / (S + gamma * T_D(B, K) + T_V(B, L, gamma))
 
-where ``L`` is the batch's mean context (the costs are linear in the KV read, so ``B * L`` is exact).
+where ``L`` is the batch's mean context (the costs are linear in the KV read, so ``B * L`` is exact) and
+``S`` the rest of the step the round is part of: 0 in a static batch; in the serving loop, the prompt chunk
+prefilled before the round. Every running request waits for the whole step, so when a long prompt is being
+prefilled, more tokens per round shorten their time per token even where a round alone would not pay.
 Speculation turns on only when it is predicted to win by a margin (``SPECULATE_GAIN``), and off again when it
 is predicted to lose (``STOP_GAIN``); the band between keeps model error from flipping it every round. It
 follows real changes: contexts grow, the batch shrinks as sequences finish, acceptance moves.
@@ -193,26 +196,32 @@ class AutoPolicy:
         self.budgets = [fixed_budget] if fixed_budget else list(budgets)
         self.current: Choice | None = None
 
-    def candidates(self, contexts: Sequence[int], acceptance: Sequence[Acceptance]) -> list[Choice]:
-        """Predicted throughput of plain decoding and of every (gamma, budget)."""
+    def candidates(
+        self, contexts: Sequence[int], acceptance: Sequence[Acceptance], step_s: float = 0.0
+    ) -> list[Choice]:
+        """Predicted throughput of plain decoding and of every (gamma, budget), in a step that spends
+        ``step_s`` seconds on other work besides the round."""
         batch = len(contexts)
         context = max(1, round(sum(contexts) / batch))
-        out = [Choice(0, self.budgets[0], batch / self.costs.target(batch, context))]
+        out = [Choice(0, self.budgets[0], batch / (step_s + self.costs.target(batch, context)))]
         for k in self.budgets:
             t_d = self.costs.draft_step(batch, k, context)
             alphas = [a.alpha(k) for a in acceptance]
             for g in self.gammas:
                 tokens = sum(cm.omega(g, a) for a in alphas)
-                seconds = g * t_d + self.costs.verify(batch, context, g) + self.costs.hardware.round_s
+                verify = self.costs.verify(batch, context, g)
+                seconds = step_s + g * t_d + verify + self.costs.hardware.round_s
                 out.append(Choice(g, k, tokens / seconds))
         return out
 
-    def choose(self, contexts: Sequence[int], acceptance: Sequence[Acceptance]) -> Choice:
-        """The fastest setting. Speculation starts when predicted ``SPECULATE_GAIN`` faster than plain
-        decoding (the model's errors must not make it lose) and stops when predicted slower than
-        ``STOP_GAIN`` times plain; a running speculative setting is kept unless another is ``SWITCH_GAIN``
-        faster."""
-        plain, *options = self.candidates(contexts, acceptance)
+    def choose(
+        self, contexts: Sequence[int], acceptance: Sequence[Acceptance], step_s: float = 0.0
+    ) -> Choice:
+        """The fastest setting in a step that spends ``step_s`` seconds on other work. Speculation starts
+        when predicted ``SPECULATE_GAIN`` faster than plain decoding (the model's errors must not make it
+        lose) and stops when predicted slower than ``STOP_GAIN`` times plain; a running speculative setting
+        is kept unless another is ``SWITCH_GAIN`` faster."""
+        plain, *options = self.candidates(contexts, acceptance, step_s)
         best = max(options, key=lambda c: c.throughput)
         key = None if self.current is None else (self.current.gamma, self.current.budget)
         current = next((c for c in options if (c.gamma, c.budget) == key), None)

@@ -249,6 +249,19 @@ def test_speculation_is_off_where_it_does_not_pay_and_turns_on_as_contexts_grow(
     assert p.choose([300], acc).gamma == 0  # and off again
 
 
+
+def test_a_step_busy_with_a_prefill_chunk_pays_for_more_tokens_per_round():
+    """A short context where plain decoding wins a round on its own: in a step that also prefills a long
+    chunk, every running request waits for the chunk, so drafting (long drafts, the best-accepted view)
+    wins, and the predictions are tokens over the whole step."""
+    acc = at_prior(2)
+    assert policy(CPU).choose([300, 300], acc).gamma == 0
+    step_s = 40 * cm.t_target(SMOLLM2, CPU, 2, 300)
+    c = policy(CPU).choose([300, 300], acc, step_s)
+    assert (c.gamma, c.budget) == (8, 1024)
+    plain, *_ = policy(CPU).candidates([300, 300], acc, step_s)
+    assert plain.throughput == pytest.approx(2 / (step_s + cm.t_target(SMOLLM2, CPU, 2, 300)))
+
 def test_poor_acceptance_turns_speculation_off():
     """Drafts that are always rejected: the policy tries the budgets where an average prompt would draft
     well, each for a few rounds, then stops speculating for good."""

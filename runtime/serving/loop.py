@@ -8,9 +8,10 @@ A step (``ServingEngine.step``):
    running ones keep streaming while a long prompt prefills; a request whose prefill ends gets its first
    token and runs from the next round (its draft view is built when it first drafts);
 4. **decode**: one plain step or one speculative round for the running batch. The policy picks a gamma and
-   budget for requests on ``auto`` (or a plain step when speculation would not pay), ``on`` requests always
-   draft, ``off`` requests take a plain step inside the round. Each request keeps its own sampling,
-   budget, gamma, stop strings, EOS and ``max_tokens``;
+   budget for requests on ``auto`` (or a plain step when speculation would not pay), weighing the step's
+   prefill chunk too (every running request waits for it, so more tokens per round pay more); ``on``
+   requests always draft, ``off`` requests take a plain step inside the round. Each request keeps its own
+   sampling, budget, gamma, stop strings, EOS and ``max_tokens``;
 5. **emit**: new text goes to each request's sink; a finished request frees its pages at once.
 """
 
@@ -144,6 +145,7 @@ class ServingEngine:
         pools = [runner.ensure_pool(pages, pages) for runner in engine.runners]
         self.scheduler = Scheduler(pools, config.max_running, self._on_preempt)
         self._scores = _Scores()
+        self._prefill_s = 0.0
         self._sinks: dict[str, Sink] = {}
         self._inbox: list[tuple[str, object]] = []
         self._lock = threading.Lock()
@@ -234,6 +236,7 @@ class ServingEngine:
         """One step of the loop (see the module docstring). A failure inside fails the admitted requests
         with a one-line error and leaves the loop serving."""
         self._take_inbox()
+        self._prefill_s = 0.0  # this step's prefill chunk, which the round's choice weighs
         try:
             self._admit()
             self._prefill()
@@ -292,7 +295,8 @@ class ServingEngine:
         pieces = [piece for _, piece in chunk]
         for runner in reversed(self.engine.runners):  # the target last: its logits give first tokens
             logits = decoding.prefill(runner, pieces)
-        self.metrics.step_seconds.labels("prefill").observe(time.perf_counter() - t0)
+        self._prefill_s = time.perf_counter() - t0
+        self.metrics.step_seconds.labels("prefill").observe(self._prefill_s)
         self.metrics.prompt_tokens.inc(sum(len(p.tokens) for p in pieces))
         for row, (r, piece) in enumerate(chunk):
             r.prefilled = piece.end
@@ -373,7 +377,8 @@ class ServingEngine:
         if not any(r.speculate == "auto" for r in batch):
             return None
         seqs = [r.seq for r in batch]
-        return self.policy().choose([len(s.tokens) for s in seqs], [s.acceptance for s in seqs])
+        contexts = [len(s.tokens) for s in seqs]
+        return self.policy().choose(contexts, [s.acceptance for s in seqs], self._prefill_s)
 
     def _gamma(self, r: ServeRequest, choice: Choice | None) -> int:
         """``r``'s draft tokens this round (0: a plain step), within its context window and ``max_tokens``."""
