@@ -201,6 +201,10 @@ def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
     return {f"p{p}": (float(np.percentile(arr, p)) if arr.size else None) for p in PERCENTILES}
 
 
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
 def summarize(records: list[Record], before: dict, after: dict) -> dict:
     """The figures of one (mode, rate) run from its records and the metrics scraped around it."""
 
@@ -227,9 +231,10 @@ def summarize(records: list[Record], before: dict, after: dict) -> dict:
         "tpot_s": _percentiles(tpot),
         "queue_s": _percentiles([(r.timing or {}).get("queue_s") for r in done]),
         "prefill_s": _percentiles([(r.timing or {}).get("prefill_s") for r in done]),
-        "acceptance_rate": delta("mlc_magicdec_accepted_tokens_total") / drafted if drafted else None,
+        "acceptance_rate": _ratio(delta("mlc_magicdec_accepted_tokens_total"), drafted),
         "speculative_rounds": delta("mlc_magicdec_speculative_rounds_total"),
         "plain_steps": delta("mlc_magicdec_plain_steps_total"),
+        "mean_batch": _ratio(*(delta(f"mlc_magicdec_decode_batch_{s}") for s in ("sum", "count"))),
         "step_seconds": {"prefill": phase.pop("prefill"), "decoding": sum(phase.values())},
         "preemptions": delta("mlc_magicdec_preemptions_total"),
     }

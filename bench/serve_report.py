@@ -22,9 +22,14 @@ def _where(run: dict) -> str:
     return "burst" if math.isinf(run["rate"]) else f"{run['rate']:g}/s"
 
 
+def _share(spec: float, plain: float) -> str:
+    return f"{100 * spec / (spec + plain):.0f}" if spec + plain else "-"
+
+
 def load_table(results: dict, title: str) -> Table:
     """One row per (rate, mode): throughput, TTFT (with its queueing and prefill) and TPOT percentiles,
-    acceptance, the step seconds of prefill and decoding, preemptions and errors."""
+    acceptance, the mean decode batch and the share of speculative rounds, the step seconds of prefill and
+    decoding, preemptions and errors."""
     table = Table(title=title)
     columns = (
         "rate",
@@ -37,6 +42,8 @@ def load_table(results: dict, title: str) -> Table:
         "prefill p50 s",
         "TPOT p50/p90/p99 ms",
         "accept",
+        "batch",
+        "spec %",
         "prefill/decode s",
         "preempt",
         "errors",
@@ -57,6 +64,8 @@ def load_table(results: dict, title: str) -> Table:
             _s(run["prefill_s"]["p50"]),
             "/".join(_ms(tpot[p]) for p in ("p50", "p90", "p99")),
             "-" if run["acceptance_rate"] is None else f"{run['acceptance_rate']:.2f}",
+            "-" if run.get("mean_batch") is None else f"{run['mean_batch']:.1f}",
+            _share(run["speculative_rounds"], run["plain_steps"]),
             f"{steps['prefill']:.0f}/{steps['decoding']:.0f}",
             f"{run['preemptions']:.0f}",
             str(len(run["errors"])),

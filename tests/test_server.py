@@ -198,9 +198,14 @@ def test_metrics_report_the_loop(server):
         "kv_pages_used",
         "kv_pages_free",
         "preemptions_total",
+        "decode_batch_bucket",
     ):
         assert f"mlc_magicdec_{name}" in text, name
     assert server.metric("mlc_magicdec_speculative_rounds_total") > 0
+    rounds = server.metric("mlc_magicdec_speculative_rounds_total") + server.metric(
+        "mlc_magicdec_plain_steps_total"
+    )
+    assert server.metric("mlc_magicdec_decode_batch_count") == rounds
     assert server.metric("mlc_magicdec_step_seconds_count", {"phase": "verify"}) > 0
 
 
@@ -275,11 +280,25 @@ def test_the_load_benchmark_soaks_the_server_without_losing_a_request(chat_artif
     from mlc_magicdec.bench.serve_load import LoadConfig
     from mlc_magicdec.interface.bench_serve import serve_load_bench
 
-    load = LoadConfig(context=(20, 120), rates=(float("inf"), 50.0), requests=24, output_tokens=12,
-                      modes=("off", "on"), seed=3, disconnect=0.15, malformed=0.15)
+    load = LoadConfig(
+        context=(20, 120),
+        rates=(float("inf"), 50.0),
+        requests=24,
+        output_tokens=12,
+        modes=("off", "on"),
+        seed=3,
+        disconnect=0.15,
+        malformed=0.15,
+    )
     serving = ServeConfig(max_running=8, max_batch_tokens=200, kv_capacity=16 * 24, draft_budget=40)
-    out = serve_load_bench(chat_artifact, load, serving, check=True, json_path=tmp_path / "load.json",
-                           plot_path=tmp_path / "load.png")
+    out = serve_load_bench(
+        chat_artifact,
+        load,
+        serving,
+        check=True,
+        json_path=tmp_path / "load.json",
+        plot_path=tmp_path / "load.png",
+    )
     kinds = [r["kind"] for r in out["runs"][0]["records"]]
     assert kinds.count("malformed") and kinds.count("disconnect")
     for run in out["runs"]:

@@ -331,6 +331,7 @@ class ServingEngine:
             return
         seqs, gammas = [r.seq for r in batch], [plan[r.request_id] for r in batch]
         contexts = [len(s.tokens) for s in seqs]
+        self.metrics.decode_batch.observe(len(seqs))
         if max(gammas) == 0:
             seconds = decoding.plain_step(self.engine.target, self.engine.drafter, seqs, self.stats)
             self.metrics.plain_steps.inc()

@@ -8,6 +8,7 @@ PREFIX = "mlc_magicdec"
 # step seconds: from a fast GPU decode step to a long CPU prefill chunk
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 PHASES = ("prefill", "decode", "draft", "verify", "views")  # views: building draft views
+BATCH_BUCKETS = tuple(2**i for i in range(11))  # running sequences in a decode round
 
 
 class ServeMetrics:
@@ -30,6 +31,9 @@ class ServeMetrics:
         self.generated_tokens = metric(Counter, "generation_tokens", "Tokens generated.")
         self.plain_steps = metric(Counter, "plain_steps", "Plain decode steps of the running batch.")
         self.spec_rounds = metric(Counter, "speculative_rounds", "Speculative rounds of the running batch.")
+        self.decode_batch = metric(
+            Histogram, "decode_batch", "Sequences in each decode step or round.", buckets=BATCH_BUCKETS
+        )
         self.drafted = metric(Counter, "draft_tokens", "Tokens drafted.")
         self.accepted = metric(Counter, "accepted_tokens", "Drafted tokens the target accepted.")
         self.acceptance_rate = metric(Gauge, "acceptance_rate", "Accepted / drafted tokens so far.")
