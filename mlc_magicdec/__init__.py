@@ -8,4 +8,8 @@ def __getattr__(name: str):
         from .runtime.engine import Engine
 
         return Engine
+    if name == "AsyncEngine":
+        from .runtime.serving.async_engine import AsyncEngine
+
+        return AsyncEngine
     raise AttributeError(name)

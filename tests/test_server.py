@@ -209,6 +209,54 @@ def test_metrics_report_the_loop(server):
     assert server.metric("mlc_magicdec_step_seconds_count", {"phase": "verify"}) > 0
 
 
+def test_async_engine_streams_concurrent_requests_and_aborts_one_left_early(server, plain):
+    """The loop embedded without HTTP: ``async for`` over ``generate`` with keyword settings; concurrent
+    requests each equal plain greedy decoding; leaving an iterator early aborts its request and frees its
+    pages; an unknown setting is refused in one line."""
+    import asyncio
+
+    from mlc_magicdec import AsyncEngine as TopLevel
+    from mlc_magicdec.runtime.speculation import RequestError
+
+    engine = server.engine
+    assert TopLevel is AsyncEngine
+
+    async def collect(prompt: str) -> tuple[str, str]:
+        text, reason = "", None
+        async for out in engine.generate(prompt, max_tokens=20, ignore_eos=True, speculate="on"):
+            text += out.text
+            reason = out.finish_reason
+        return text, reason
+
+    async def leave_early() -> int:
+        got = 0
+        async for out in engine.generate("zzz yyy", max_tokens=200, ignore_eos=True):
+            got += len(out.token_ids)
+            if got >= 3:
+                break
+        return got
+
+    async def main():
+        return await asyncio.gather(collect("abc abc"), collect("hello there"), leave_early())
+
+    aborted = server.metric("mlc_magicdec_requests_total", {"reason": "abort"}) or 0.0
+    a, b, early = asyncio.run(main())
+    assert a == (plain("abc abc", 20).text, "length") and b == (plain("hello there", 20).text, "length")
+    assert early >= 3
+    deadline = time.time() + 10
+    while time.time() < deadline and server.metric("mlc_magicdec_kv_pages_used") != 0:
+        time.sleep(0.05)
+    assert server.metric("mlc_magicdec_kv_pages_used") == 0
+    assert server.metric("mlc_magicdec_requests_total", {"reason": "abort"}) == aborted + 1
+    with pytest.raises(RequestError, match="unknown generation setting 'max_new_tokens'"):
+        asyncio.run(collect_bad(engine))
+
+
+async def collect_bad(engine: AsyncEngine) -> None:
+    async for _ in engine.generate("abc", max_new_tokens=5):
+        pass
+
+
 def test_a_full_queue_gets_a_429(chat_artifact):
     engine = AsyncEngine(chat_artifact, ServeConfig(speculate="off", max_waiting=1))
     gate = threading.Event()

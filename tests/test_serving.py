@@ -75,8 +75,9 @@ def test_live_batch_greedy_output_equals_each_request_alone(tiny_models, family,
         for _ in prompts
     ]
     engine = Engine(artifact)
-    config = ServeConfig(speculate="on", draft=draft, draft_budget=48, max_running=6, max_batch_tokens=96,
-                         kv_capacity=16 * 16)
+    config = ServeConfig(
+        speculate="on", draft=draft, draft_budget=48, max_running=6, max_batch_tokens=96, kv_capacity=16 * 16
+    )
     serving = ServingEngine(engine, config)
     col, ids = serve_schedule(serving, prompts, configs, rng)
     assert preemptions(serving) > 0, "the pool should have been too small for every request at once"
@@ -110,8 +111,10 @@ def test_abort_frees_the_pages_at_once(tiny_models):
     _, _, artifact = tiny_models("llama")
     serving = ServingEngine(Engine(artifact), ServeConfig(speculate="off", max_running=4))
     col = Collector()
-    rids = [serving.submit("abcdefgh" * 10, GenerationConfig(max_tokens=200, ignore_eos=True), col.sink)
-            for _ in range(3)]
+    rids = [
+        serving.submit("abcdefgh" * 10, GenerationConfig(max_tokens=200, ignore_eos=True), col.sink)
+        for _ in range(3)
+    ]
     for _ in range(3):
         serving.step()
     assert serving.scheduler.used_pages > 0
@@ -191,6 +194,23 @@ def test_the_text_stream_without_stop_strings_streams_everything():
         s.push(ids(ch))
         pieces.append(s.delta())
     assert "".join(pieces) == "streamed text" and pieces[0] == "s"
+
+
+def test_a_stop_string_in_the_final_flush_still_stops_the_text():
+    """A round's tokens that end inside a UTF-8 character are held back whole; if the request ends there,
+    the final flush still cuts at a stop string among them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(alphabet)}, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    s = TextStream(tok, ["STOP"])
+    s.push(tok.encode("ok then ").ids)
+    streamed = s.delta()
+    s.push(tok.encode("no STOP é").ids[:-1])  # ends with the first byte of "é"
+    assert s.delta() == ""
+    assert streamed + s.delta(final=True) == "ok then no " and s.stopped
 
 
 def test_a_pool_the_kernels_cannot_index_is_refused_in_one_line(tiny_models):

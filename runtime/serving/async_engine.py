@@ -1,19 +1,21 @@
 """``AsyncEngine``: the serving loop in its own thread, its results delivered to asyncio.
 
 engine = AsyncEngine("artifact-dir")
-async for out in engine.generate("Once upon a time", GenerationConfig(max_tokens=64)):
+async for out in engine.generate("Once upon a time", max_tokens=64, temperature=0.7):
     print(out.text, end="")
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from ..engine import Engine
+from ..speculation import RequestError
 from .loop import ServeConfig, ServingEngine
 from .metrics import ServeMetrics
 from .request import GenerationConfig, RequestOutput
@@ -83,9 +85,12 @@ class AsyncEngine:
         prompt: str | Sequence[int],
         config: GenerationConfig | None = None,
         request_id: str | None = None,
+        **fields,
     ) -> RequestStream:
         """Queue a request (``RequestError``/``QueueFull`` at once if it cannot be) and return its stream.
+        Settings come as ``config`` or as ``GenerationConfig`` fields (``max_tokens=64, stop=["\\n"]``).
         Call from a running event loop."""
+        config = _config(config, fields)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
@@ -95,7 +100,7 @@ class AsyncEngine:
             except RuntimeError:  # the event loop is gone: nobody is listening
                 pass
 
-        request_id = self.serving.submit(prompt, config or GenerationConfig(), sink, request_id)
+        request_id = self.serving.submit(prompt, config, sink, request_id)
         return RequestStream(self, request_id, queue)
 
     async def generate(
@@ -103,9 +108,10 @@ class AsyncEngine:
         prompt: str | Sequence[int],
         config: GenerationConfig | None = None,
         request_id: str | None = None,
+        **fields,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; closing the iterator early aborts it."""
-        stream = self.submit(prompt, config, request_id)
+        """Stream a request's outputs (settings as in ``submit``); closing the iterator early aborts it."""
+        stream = self.submit(prompt, config, request_id, **fields)
         try:
             async for out in stream:
                 yield out
@@ -126,3 +132,16 @@ class AsyncEngine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _config(config: GenerationConfig | None, fields: dict) -> GenerationConfig:
+    """``config`` with ``fields`` replaced (a list of stop strings becomes a tuple)."""
+    names = {f.name for f in dataclasses.fields(GenerationConfig)}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        choices = ", ".join(sorted(names))
+        raise RequestError(f"unknown generation setting {unknown[0]!r}; use one of {choices}")
+    if isinstance(fields.get("stop"), (list, str)):
+        stop = fields["stop"]
+        fields["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+    return dataclasses.replace(config or GenerationConfig(), **fields)

@@ -38,19 +38,24 @@ class TextStream:
         new = self.tokenizer.decode(self.ids[self._prefix_offset :])
         if len(new) <= len(old) or new.endswith(INCOMPLETE):
             return
-        searched = max(len(self.text) - self._holdback, 0)
-        self.text += new[len(old) :]
+        self._append(new[len(old) :])
         self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+
+    def _append(self, text: str) -> None:
+        """Extend ``text``, cut at a stop string that the new text completes."""
+        searched = max(len(self.text) - self._holdback, 0)
+        self.text += text
         cuts = [i for i in (self.text.find(s, searched) for s in self.stop) if i >= 0]
         if cuts:
             self.text = self.text[: min(cuts)]
             self.stopped = True
 
     def delta(self, final: bool = False) -> str:
-        """Text not yet returned that no stop string can still remove (all of it when ``final``)."""
+        """Text not yet returned that no stop string can still remove (all of it when ``final``, with any
+        unfinished character)."""
         if final and not self.stopped and self._read_offset < len(self.ids):
             old = self.tokenizer.decode(self.ids[self._prefix_offset : self._read_offset])
-            self.text += self.tokenizer.decode(self.ids[self._prefix_offset :])[len(old) :]
+            self._append(self.tokenizer.decode(self.ids[self._prefix_offset :])[len(old) :])
             self._read_offset = len(self.ids)
         end = len(self.text) if final or self.stopped else max(len(self.text) - self._holdback, self._sent)
         out, self._sent = self.text[self._sent : end], end
