@@ -10,16 +10,18 @@ budget) from
 
 and picks the fastest::
 
-    plain       = B / (S + T_T(B, L))
-    speculative = sum_i Omega(gamma, alpha_i(K)) / (S + gamma * T_D(B, K) + T_V(B, L, gamma))
+    plain       = B / T_T(B, L)
+    speculative = sum_i Omega(gamma, alpha_i(K)) / (gamma * T_D(B, K) + T_V(B, L, gamma))
 
-where ``L`` is the batch's mean context (the costs are linear in the KV read, so ``B * L`` is exact) and
-``S`` the rest of the step the round is part of: 0 in a static batch; in the serving loop, the prompt chunk
-prefilled before the round. Every running request waits for the whole step, so when a long prompt is being
-prefilled, more tokens per round shorten their time per token even where a round alone would not pay.
+where ``L`` is the batch's mean context (the costs are linear in the KV read, so ``B * L`` is exact).
 Speculation turns on only when it is predicted to win by a margin (``SPECULATE_GAIN``), and off again when it
 is predicted to lose (``STOP_GAIN``); the band between keeps model error from flipping it every round. It
 follows real changes: contexts grow, the batch shrinks as sequences finish, acceptance moves.
+
+A round can be part of a longer step: in the serving loop, a prompt chunk of ``S`` seconds is prefilled
+before it, and every running request waits for both. Among the settings that pay (as above, so throughput
+is never given up), the policy then picks the most tokens per step, ``tokens / (S + round)``: longer drafts,
+larger views, that shorten every running request's time per token while a long prompt prefills.
 
 Acceptance of one sequence is the rate of a geometric model: a round accepts drafts until the first
 rejection, so ``alpha = accepted / (accepted + rejections)`` (rounds that accept all their drafts add no
@@ -171,11 +173,21 @@ class StepCosts:
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-    """One round's setting: ``gamma == 0`` is a plain decode step. ``throughput`` is predicted tokens/s."""
+    """One round's setting (``gamma == 0``: a plain decode step) and its predicted tokens and seconds."""
 
     gamma: int
     budget: int
-    throughput: float
+    tokens: float
+    seconds: float
+
+    @property
+    def throughput(self) -> float:
+        """Predicted tokens/s of the round."""
+        return self.tokens / self.seconds
+
+    def step_throughput(self, step_s: float) -> float:
+        """Predicted tokens/s of a step that spends ``step_s`` seconds on other work besides the round."""
+        return self.tokens / (step_s + self.seconds)
 
 
 class AutoPolicy:
@@ -196,40 +208,45 @@ class AutoPolicy:
         self.budgets = [fixed_budget] if fixed_budget else list(budgets)
         self.current: Choice | None = None
 
-    def candidates(
-        self, contexts: Sequence[int], acceptance: Sequence[Acceptance], step_s: float = 0.0
-    ) -> list[Choice]:
-        """Predicted throughput of plain decoding and of every (gamma, budget), in a step that spends
-        ``step_s`` seconds on other work besides the round."""
+    def candidates(self, contexts: Sequence[int], acceptance: Sequence[Acceptance]) -> list[Choice]:
+        """Predicted tokens and seconds of a plain step and of every (gamma, budget) round."""
         batch = len(contexts)
         context = max(1, round(sum(contexts) / batch))
-        out = [Choice(0, self.budgets[0], batch / (step_s + self.costs.target(batch, context)))]
+        out = [Choice(0, self.budgets[0], batch, self.costs.target(batch, context))]
         for k in self.budgets:
             t_d = self.costs.draft_step(batch, k, context)
             alphas = [a.alpha(k) for a in acceptance]
             for g in self.gammas:
                 tokens = sum(cm.omega(g, a) for a in alphas)
-                verify = self.costs.verify(batch, context, g)
-                seconds = step_s + g * t_d + verify + self.costs.hardware.round_s
-                out.append(Choice(g, k, tokens / seconds))
+                seconds = g * t_d + self.costs.verify(batch, context, g) + self.costs.hardware.round_s
+                out.append(Choice(g, k, tokens, seconds))
         return out
 
     def choose(
         self, contexts: Sequence[int], acceptance: Sequence[Acceptance], step_s: float = 0.0
     ) -> Choice:
-        """The fastest setting in a step that spends ``step_s`` seconds on other work. Speculation starts
-        when predicted ``SPECULATE_GAIN`` faster than plain decoding (the model's errors must not make it
-        lose) and stops when predicted slower than ``STOP_GAIN`` times plain; a running speculative setting
-        is kept unless another is ``SWITCH_GAIN`` faster."""
-        plain, *options = self.candidates(contexts, acceptance, step_s)
-        best = max(options, key=lambda c: c.throughput)
+        """The setting for a round in a step that spends ``step_s`` seconds on other work.
+
+        A setting pays if predicted ``SPECULATE_GAIN`` faster than plain decoding (the model's errors must
+        not make it lose), or, while speculating, ``STOP_GAIN`` times as fast; of those, the most tokens per
+        step wins (with no other work: the fastest round), and a running setting is kept unless another is
+        ``SWITCH_GAIN`` better. None pays: a plain step."""
+        plain, *options = self.candidates(contexts, acceptance)
         key = None if self.current is None else (self.current.gamma, self.current.budget)
-        current = next((c for c in options if (c.gamma, c.budget) == key), None)
-        if current is not None and best.throughput < SWITCH_GAIN * current.throughput:
+        gain = SPECULATE_GAIN if key is None else STOP_GAIN
+        paying = [c for c in options if c.throughput >= gain * plain.throughput]
+        if not paying:
+            self.current = None
+            return plain
+        def score(c: Choice) -> float:
+            return c.step_throughput(step_s)
+
+        best = max(paying, key=score)
+        current = next((c for c in paying if (c.gamma, c.budget) == key), None)
+        if current is not None and score(best) < SWITCH_GAIN * score(current):
             best = current
-        gain = STOP_GAIN if current is not None else SPECULATE_GAIN
-        self.current = best if best.throughput >= gain * plain.throughput else plain
-        return self.current
+        self.current = best
+        return best
 
     def observe(self, choice: Choice, batch: int, context: int, seconds: Sequence[float]) -> None:
         """Feed back a round's measured seconds at ``batch`` x mean ``context``: ``(step,)`` after a plain
@@ -247,6 +264,6 @@ class AutoPolicy:
         """The policy for ``engine``'s target with ``draft``: this machine's cached calibration (a quick one
         is made now if there is none), and its measured acceptance curve if it has one."""
         fit = calibration.load_or_calibrate(engine)
-        costs = StepCosts(calibration.model_spec(engine), fit.hardware, draft)
+        costs = StepCosts(engine.artifact.spec, fit.hardware, draft)
         curve = measured_curve(fit.acceptance) if fit.acceptance else prior_curve
         return cls(costs, gammas, budgets, acceptance_curve=curve)

@@ -250,17 +250,23 @@ def test_speculation_is_off_where_it_does_not_pay_and_turns_on_as_contexts_grow(
 
 
 
-def test_a_step_busy_with_a_prefill_chunk_pays_for_more_tokens_per_round():
-    """A short context where plain decoding wins a round on its own: in a step that also prefills a long
-    chunk, every running request waits for the chunk, so drafting (long drafts, the best-accepted view)
-    wins, and the predictions are tokens over the whole step."""
-    acc = at_prior(2)
-    assert policy(CPU).choose([300, 300], acc).gamma == 0
-    step_s = 40 * cm.t_target(SMOLLM2, CPU, 2, 300)
-    c = policy(CPU).choose([300, 300], acc, step_s)
-    assert (c.gamma, c.budget) == (8, 1024)
-    plain, *_ = policy(CPU).candidates([300, 300], acc, step_s)
-    assert plain.throughput == pytest.approx(2 / (step_s + cm.t_target(SMOLLM2, CPU, 2, 300)))
+def test_a_step_busy_with_a_prefill_chunk_drafts_more_tokens_without_giving_up_throughput():
+    """In a step that also prefills a long chunk every running request waits for it, so of the settings
+    that pay the one with the most tokens per step wins (longer drafts than the fastest round's); a round
+    that would not pay on its own still does not speculate."""
+    acc = at_prior(8)
+    alone = policy(CPU).choose([8000] * 8, acc)
+    step_s = 40 * cm.t_target(SMOLLM2, CPU, 8, 8000)
+    busy = policy(CPU).choose([8000] * 8, acc, step_s)
+    plain, *options = policy(CPU).candidates([8000] * 8, acc)
+    paying = [c for c in options if c.throughput >= auto.SPECULATE_GAIN * plain.throughput]
+    assert alone.gamma > 0 and alone == max(paying, key=lambda c: c.throughput)
+    assert busy == max(paying, key=lambda c: c.tokens / (step_s + c.seconds))
+    assert busy.tokens > alone.tokens and busy.throughput >= auto.SPECULATE_GAIN * plain.throughput
+    short = at_prior(2)
+    assert policy(CPU).choose([300, 300], short).gamma == 0
+    assert policy(CPU).choose([300, 300], short, step_s).gamma == 0
+
 
 def test_poor_acceptance_turns_speculation_off():
     """Drafts that are always rejected: the policy tries the budgets where an average prompt would draft
