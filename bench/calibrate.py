@@ -16,7 +16,7 @@ from rich.table import Table
 
 from ..errors import UserError
 from ..runtime import costmodel as cm
-from ..runtime.calibration import Calibration, CalibrationDesign, calibrate, model_spec, save
+from ..runtime.calibration import Calibration, CalibrationDesign, calibrate, save
 
 MS = 1e3
 # what each cell of a bench grid must hold for the prediction error (``bench grid --json`` writes them)
@@ -227,7 +227,7 @@ def check_calibration(
     draft), and the check reports the error on the grid's cells and a fit held out on its corner cells.
     """
     fit = calibrate(engine, design, progress=progress)
-    model = model_spec(engine)
+    model = engine.artifact.spec
     fitted = [
         Prediction(
             s.phase,

@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..constants import DTYPE_BYTES
 from ..errors import UserError
 from ..runtime.engine import Engine
 from . import gguf_convert, llamacpp, roofline
@@ -235,13 +234,11 @@ def bandwidth_fractions(
     A cell of context C prefills C - new_tokens prompt tokens and decodes new_tokens more, so the KV a step
     reads grows from C - new_tokens to C: a step reads the KV of C - new_tokens / 2 tokens on average.
     """
-    dtype_bytes = DTYPE_BYTES[engine.artifact.dtype]
     return {
         (r["batch"], r["context"]): roofline.bandwidth_fraction(
-            engine.config,
+            engine.artifact.spec,
             r["batch"],
             r["context"] - new_tokens // 2,
-            dtype_bytes,
             r["batch"] / r["decode_tok_s"],
             bandwidth,
         )

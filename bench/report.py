@@ -16,7 +16,7 @@ def header(engine: Engine, command: str) -> str:
     cfg = engine.artifact.config
     model = Path(cfg.source).name
     return (
-        f"command: {command} | model: {model} ({cfg.model['family']}, {cfg.dtype}) | "
+        f"command: {command} | model: {model} ({cfg.model['family']}, {cfg.dtype_label}) | "
         f"target: {cfg.target['kind']} on {platform.processor() or platform.machine()} | "
         f"threads: {engine.threads}"
     )

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..compile.config import ModelConfig
 from ..runtime.costmodel import MEASURED_CPU, Hardware, ModelSpec
 
 TRIAD_BYTES = 256 << 20  # bytes per triad array (three of them: far larger than any CPU cache)
@@ -172,29 +171,29 @@ def measure(threads: int) -> Machine:
     return Machine(max(rates), statistics.median(rates), flops, threads, statistics.median(reads))
 
 
-def weight_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
+def weight_bytes(spec: ModelSpec) -> int:
     """Bytes of the weights a decode step reads (the cost model's ``W``: every linear layer, the norms and
     the lm_head; one embedding row per token is negligible and not counted)."""
-    return ModelSpec(cfg, dtype_bytes).weight_bytes
+    return spec.weight_bytes
 
 
-def kv_bytes(cfg: ModelConfig, context: int, dtype_bytes: int) -> int:
+def kv_bytes(spec: ModelSpec, context: int) -> int:
     """Bytes of one sequence's KV cache at ``context`` tokens: ``2 * layers * kv_heads * head_dim * L``."""
-    return ModelSpec(cfg, dtype_bytes).kv_bytes_per_token * context
+    return spec.kv_bytes_per_token * context
 
 
-def step_bytes(cfg: ModelConfig, batch: int, context: int, dtype_bytes: int) -> int:
-    return weight_bytes(cfg, dtype_bytes) + batch * kv_bytes(cfg, context, dtype_bytes)
+def step_bytes(spec: ModelSpec, batch: int, context: int) -> int:
+    return weight_bytes(spec) + batch * kv_bytes(spec, context)
 
 
 def roofline_rows(
-    cfg: ModelConfig, batches: Sequence[int], contexts: Sequence[int], dtype_bytes: int, bandwidth: float
+    spec: ModelSpec, batches: Sequence[int], contexts: Sequence[int], bandwidth: float
 ) -> list[dict]:
     """For each (batch, context): bytes a step reads and the tokens/s the bandwidth allows."""
     rows = []
     for batch in batches:
         for context in contexts:
-            w, kv = weight_bytes(cfg, dtype_bytes), batch * kv_bytes(cfg, context, dtype_bytes)
+            w, kv = weight_bytes(spec), batch * kv_bytes(spec, context)
             rows.append(
                 {
                     "batch": batch,
@@ -208,11 +207,9 @@ def roofline_rows(
     return rows
 
 
-def bandwidth_fraction(
-    cfg: ModelConfig, batch: int, context: int, dtype_bytes: int, step_s: float, bandwidth: float
-) -> float:
+def bandwidth_fraction(spec: ModelSpec, batch: int, context: int, step_s: float, bandwidth: float) -> float:
     """Achieved bytes/s of a decode step taking ``step_s`` seconds, as a fraction of ``bandwidth``."""
-    return step_bytes(cfg, batch, context, dtype_bytes) / step_s / bandwidth
+    return step_bytes(spec, batch, context) / step_s / bandwidth
 
 
 def this_cpu(threads: int | None = None) -> Hardware:

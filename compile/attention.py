@@ -4,7 +4,9 @@ Storage: one tensor for the whole model,
 ``pool[num_layers, num_pages, 2, num_kv_heads, page_size * head_dim]``
 (index 0 of the third axis holds keys, 1 values; how a page's values are laid out is the target kernels'
 choice, see ``schedules``). Keys are stored with RoPE already applied at their absolute positions, so any
-subset of them can be attended to without a fix-up. The runtime owns the page tables.
+subset of them can be attended to without a fix-up. The pool's dtype (``--kv-dtype``) may be narrower than the
+activations': keys and values are rounded to it when written, and read back into fp32 arithmetic. The runtime
+owns the page tables.
 
 Per-call index tensors (all int32, built by the runtime):
 
@@ -64,28 +66,30 @@ def _kernels(target: Target):
 
 
 @functools.cache
-def _append_func(target: Target, num_kv_heads: int, head_dim: int, dtype: str):
-    return _kernels(target).kv_append(num_kv_heads, head_dim, PAGE_SIZE, dtype)
+def _append_func(target: Target, num_kv_heads: int, head_dim: int, dtype: str, kv_dtype: str):
+    return _kernels(target).kv_append(num_kv_heads, head_dim, PAGE_SIZE, dtype, kv_dtype)
 
 
 @functools.cache
 def _attention_func(
-    target: Target, num_heads: int, num_kv_heads: int, head_dim: int, dtype: str, sparse: bool
+    target: Target, num_heads: int, num_kv_heads: int, head_dim: int, dtype: str, kv_dtype: str, sparse: bool
 ):
-    return _kernels(target).paged_attention(num_heads, num_kv_heads, head_dim, PAGE_SIZE, dtype, sparse)
+    shape = (num_heads, num_kv_heads, head_dim, PAGE_SIZE, dtype, kv_dtype, sparse)
+    return _kernels(target).paged_attention(*shape)
 
 
 @functools.cache
-def _scores_func(target: Target, num_heads: int, num_kv_heads: int, head_dim: int, dtype: str):
-    return _kernels(target).attention_scores(num_heads, num_kv_heads, head_dim, PAGE_SIZE, dtype)
+def _scores_func(target: Target, num_heads: int, num_kv_heads: int, head_dim: int, dtype: str, kv_dtype: str):
+    return _kernels(target).attention_scores(num_heads, num_kv_heads, head_dim, PAGE_SIZE, dtype, kv_dtype)
 
 
 def append_kv(
     pool: Tensor, k: Tensor, v: Tensor, batch: AttentionBatch, layer: int, target: Target
 ) -> Tensor:
-    """Write the new tokens' K (already rotated) and V of one layer into the pool, in place."""
+    """Write the new tokens' K (already rotated) and V of one layer into the pool, in place (rounded to the
+    pool's dtype)."""
     _, num_kv_heads, head_dim = k.shape
-    func = _append_func(target, int(num_kv_heads), int(head_dim), pool.dtype)
+    func = _append_func(target, int(num_kv_heads), int(head_dim), k.dtype, pool.dtype)
     return op.tensor_ir_inplace_op(
         func,
         "kv_append",
@@ -101,7 +105,9 @@ def attention(
     """Attention of ``q[n, num_heads, head_dim]`` over the pool, through the dense or the sparse view."""
     n, num_heads, head_dim = q.shape
     view = batch.sparse
-    func = _attention_func(target, int(num_heads), num_kv_heads, int(head_dim), q.dtype, view is not None)
+    func = _attention_func(
+        target, int(num_heads), num_kv_heads, int(head_dim), q.dtype, pool.dtype, view is not None
+    )
     args = [q, pool, batch.page_table, batch.token_seq, batch.token_pos, batch.query_tiles]
     if view is not None:
         args += [view.static_pos, view.static_len, view.window_start]
@@ -124,7 +130,7 @@ def attention_scores(
     """
     _, num_heads, head_dim = q.shape
     rows, max_pages = batch.page_table.shape
-    func = _scores_func(target, int(num_heads), num_kv_heads, int(head_dim), q.dtype)
+    func = _scores_func(target, int(num_heads), num_kv_heads, int(head_dim), q.dtype, pool.dtype)
     return op.tensor_ir_op(
         func,
         "attention_scores",

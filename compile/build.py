@@ -23,7 +23,7 @@ from tvm import relax
 from tvm.contrib import tvmjs
 
 from .. import __version__
-from ..constants import DRAFT_KINDS
+from ..constants import DRAFT_KINDS, DTYPES
 from ..errors import UserError
 from ..hashing import file_sha256
 from ..manifest import Manifest
@@ -52,9 +52,9 @@ class CompileError(UserError, ValueError):
     """A compile request that cannot be carried out; the message is one line."""
 
 
-def export_model(cfg: ModelConfig, preset: TargetPreset, dtype: str):
+def export_model(cfg: ModelConfig, preset: TargetPreset, dtype: str, kv_dtype: str):
     """The Relax module and its ordered parameter list for ``cfg`` on ``preset``."""
-    model = LlamaModel(cfg, preset.target, dtype)
+    model = LlamaModel(cfg, preset.target, dtype, kv_dtype)
     model.to(dtype)
     return model.export_tvm(spec=model.get_spec())
 
@@ -137,6 +137,7 @@ def compile_model(
     *,
     target: str = "llvm",
     dtype: str | None = None,
+    kv_dtype: str | None = None,
     cpu: str | None = None,
     arch: str | list[str] | None = None,
     drafts: tuple[str, ...] = (),
@@ -155,10 +156,14 @@ def compile_model(
         raise CompileError(f"--budget must be a positive number of tokens, got {budget}")
     preset = resolve(target, cpu=cpu, arch=arch)
     dtype = dtype or preset.default_dtype
-    if dtype not in ("float32", "float16"):
-        raise CompileError(f"unsupported dtype {dtype!r}; use float32 or float16")
-    if preset.codegen is not None and dtype != "float32":
-        raise CompileError(f"--target pocl runs float32 only (PoCL has no fp16 here), not {dtype}")
+    kv_dtype = kv_dtype or dtype
+    for option, value in (("--dtype", dtype), ("--kv-dtype", kv_dtype)):
+        if value not in DTYPES:
+            raise CompileError(f"unsupported {option} {value!r}; use {' or '.join(DTYPES)}")
+        if preset.codegen is not None and value != "float32":
+            raise CompileError(
+                f"--target pocl runs float32 only (PoCL has no fp16 here), not {option} {value}"
+            )
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     timings: dict[str, float] = {}
@@ -178,7 +183,7 @@ def compile_model(
                     f"--budget {budget} must be below the context window ({cfg.context_window})"
                 )
             with step(f"exporting graph ({cfg.family}, {cfg.num_layers} layers)"):
-                mod, named_params = export_model(cfg, preset, dtype)
+                mod, named_params = export_model(cfg, preset, dtype, kv_dtype)
                 names = [name for name, _ in named_params]
             with step(f"converting weights to {dtype}"), contextlib.redirect_stdout(io.StringIO()):
                 tvmjs.dump_tensor_cache(
@@ -189,7 +194,7 @@ def compile_model(
                     show_progress=False,
                 )
             with step(f"building library for {preset.kind}"):
-                build = json.dumps([cfg.to_dict(), dtype, list(drafts), budget, __version__])
+                build = json.dumps([cfg.to_dict(), dtype, kv_dtype, list(drafts), budget, __version__])
                 prefix = f"k{hashlib.sha256(build.encode()).hexdigest()[:8]}_"
                 library = build_library(mod, preset, tmp, prefix if preset.codegen is not None else "")
             (tmp / TOKENIZER_NAME).write_text(loaded.tokenizer_json)
@@ -197,6 +202,7 @@ def compile_model(
                 model=cfg.to_dict(),
                 source=str(model_path),
                 dtype=dtype,
+                kv_dtype=kv_dtype,
                 target=preset.describe(),
                 param_names=names,
                 hashes={

@@ -135,8 +135,8 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """The whole decoder; ``lm_head`` is its own (transposed) parameter even when embeddings are tied."""
 
-    def __init__(self, cfg: ModelConfig, target: Target, dtype: str = "float32"):
-        self.cfg, self.target, self.dtype = cfg, target, dtype
+    def __init__(self, cfg: ModelConfig, target: Target, dtype: str = "float32", kv_dtype: str | None = None):
+        self.cfg, self.target, self.dtype, self.kv_dtype = cfg, target, dtype, kv_dtype or dtype
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
@@ -205,7 +205,7 @@ class LlamaModel(nn.Module):
         c = self.cfg
         i32 = "int32"
         packed = {"param_mode": "packed", "effect_mode": "none"}
-        pool = nn.spec.Tensor(self.pool_shape(), self.dtype)
+        pool = nn.spec.Tensor(self.pool_shape(), self.kv_dtype)
         batch = {
             "embeds": nn.spec.Tensor(["n", c.hidden_size], self.dtype),
             "token_slots": nn.spec.Tensor(["n"], i32),

@@ -15,6 +15,7 @@ DRAFT_KINDS = ("streamingllm", "snapkv")  # the compressed views a self-draft at
 DEFAULT_DRAFT = "snapkv"  # the view used when neither the caller nor the artifact names one
 GPU_TARGETS = ("cuda", "metal", "vulkan")
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+DTYPES = ("float32", "float16")  # what an artifact's activations and its KV pool can be compiled to
 # serving (the loop and its command line): requests admitted at once, tokens per step, queued requests
 SPECULATE_MODES = ("auto", "on", "off")  # per request: follow the policy, always draft, never draft
 DEFAULT_MAX_RUNNING = 32

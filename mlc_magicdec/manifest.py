@@ -28,7 +28,7 @@ class Manifest:
 
     model: dict[str, Any]  # ModelConfig.to_dict()
     source: str  # the model file or folder it was compiled from
-    dtype: str  # of weights and KV
+    dtype: str  # of weights and activations
     target: dict[str, Any]  # TargetPreset.describe(): kind, device, ...
     library: str  # file name of the compiled library in the folder
     param_names: list[str]  # the library's parameters, in order, as named in tensor-cache.json
@@ -42,6 +42,17 @@ class Manifest:
     resources: dict[str, Any] | None = None  # CUDA: {arch: {kernel: registers, shared, spills}} (ptxas)
     compile_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     chat_template: str | None = None  # the model's jinja2 chat template, if it has one
+    kv_dtype: str | None = None  # of the KV pool (None: ``dtype``)
+
+    @property
+    def pool_dtype(self) -> str:
+        """The KV pool's dtype."""
+        return self.kv_dtype or self.dtype
+
+    @property
+    def dtype_label(self) -> str:
+        """``float32``, or ``float32, KV float16`` where the pool's dtype differs (for report headers)."""
+        return self.dtype if self.pool_dtype == self.dtype else f"{self.dtype}, KV {self.pool_dtype}"
 
     @property
     def device(self) -> str:
@@ -77,18 +88,20 @@ class Manifest:
         return manifest
 
     @staticmethod
-    def model_of(folder: str | Path) -> tuple[dict[str, Any], str | None]:
-        """Just the model config and dtype of ``folder``'s manifest (what a cost estimate needs, from any
-        version's artifact); raises ManifestError if they cannot be read."""
+    def model_of(folder: str | Path) -> tuple[dict[str, Any], str | None, str | None]:
+        """Just the model config, dtype and KV dtype of ``folder``'s manifest (what a cost estimate needs,
+        from any version's artifact); raises ManifestError if they cannot be read."""
         path = Path(folder) / CONFIG_NAME
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             model, dtype = data["model"], data.get("dtype")
+            kv_dtype = data.get("kv_dtype") or dtype
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ManifestError(f"{path} is corrupt ({e}); compile the model again") from None
-        if not isinstance(model, dict) or not isinstance(dtype, (str, type(None))):
+        dtypes_ok = all(isinstance(d, (str, type(None))) for d in (dtype, kv_dtype))
+        if not isinstance(model, dict) or not dtypes_ok:
             raise ManifestError(f"{path} is corrupt (no model config); compile the model again")
-        return model, dtype
+        return model, dtype, kv_dtype
 
     def validate(self) -> None:
         """Raise ValueError if a field has the wrong type."""
@@ -104,6 +117,8 @@ class Manifest:
         for name, kind in expect.items():
             if not isinstance(getattr(self, name), kind):
                 raise ValueError(f"{name!r} is not a {kind.__name__}")
+        if not isinstance(self.kv_dtype, (str, type(None))):
+            raise ValueError("'kv_dtype' is not a str")
         if not isinstance(self.target.get("device"), str):
             raise ValueError("'target' has no 'device'")
 

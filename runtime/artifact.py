@@ -13,9 +13,11 @@ from tvm.contrib import tvmjs
 
 from ..compile.config import ModelConfig
 from ..compile.targets import TargetError, device_from_string
+from ..constants import DTYPE_BYTES
 from ..errors import UserError, one_line
 from ..hashing import file_sha256
 from ..manifest import CONFIG_NAME, Manifest, ManifestError
+from . import costmodel as cm
 from . import opencl
 
 
@@ -50,6 +52,15 @@ class Artifact:
     @property
     def dtype(self) -> str:
         return self.config.dtype
+
+    @property
+    def kv_dtype(self) -> str:
+        return self.config.pool_dtype
+
+    @property
+    def spec(self) -> cm.ModelSpec:
+        """The cost model's view of this artifact's model (its weight and KV bytes)."""
+        return cm.ModelSpec(self.model, DTYPE_BYTES[self.dtype], self.path.name, DTYPE_BYTES[self.kv_dtype])
 
     @classmethod
     def load(cls, path: str | Path) -> Artifact:

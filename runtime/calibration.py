@@ -103,11 +103,6 @@ def calibration_path(key: str) -> Path:
     return home() / CALIBRATION_DIR / f"{key}.json"
 
 
-def model_spec(engine) -> cm.ModelSpec:
-    """The cost model's view of an engine's target."""
-    return cm.ModelSpec(engine.config, cm.DTYPE_BYTES[engine.artifact.dtype], engine.artifact.path.name)
-
-
 def measure(
     engine, design: CalibrationDesign, progress: Callable[[str], None] | None = None
 ) -> list[cm.StepSample]:
@@ -148,7 +143,7 @@ def calibrate(
     key = calibration_key(engine.artifact.config, engine.threads)
     samples = measure(engine, design, progress)
     hw = cm.fit_hardware(
-        model_spec(engine), samples, f"calibrated {engine.artifact.config.device}"
+        engine.artifact.spec, samples, f"calibrated {engine.artifact.config.device}"
     )
     calibration = Calibration(key, hw, tuple(samples), acceptance)
     save(calibration)

@@ -154,7 +154,7 @@ class ModelDrafter(Drafter):
 
     def cost_model(self) -> cm.Draft:
         a = self.runner.artifact
-        return cm.Draft(cm.ModelSpec(a.model, cm.DTYPE_BYTES[a.dtype], a.path.name))
+        return cm.Draft(a.spec)
 
     def after_plain_step(self, r: SequenceState, committed: int) -> None:
         pass  # its own KV catches up in the next round: the first draft step feeds what it has not seen

@@ -62,7 +62,7 @@ class ModelRunner:
         c = self.cfg
         shape = (c.num_layers, num_pages, KV_TENSORS, c.num_kv_heads, PAGE_SIZE * c.head_dim)
         self.pool_tensor = None  # free the old pool first
-        self.pool_tensor = tvm.runtime.empty(shape, self.artifact.dtype, self.device)
+        self.pool_tensor = tvm.runtime.empty(shape, self.artifact.kv_dtype, self.device)
         self.pages = PagePool(num_pages, PAGE_SIZE)
         return self.pages
 
@@ -83,7 +83,7 @@ class ModelRunner:
         """
         ids = [SYNTHETIC_SEQ_BASE + i for i in range(batch)]
         pages = self.ensure_pool(batch * -(-(context + slack) // PAGE_SIZE))
-        self.pool_tensor.copyfrom(np.zeros(self.pool_tensor.shape, dtype=self.artifact.dtype))
+        self.pool_tensor.copyfrom(np.zeros(self.pool_tensor.shape, dtype=self.artifact.kv_dtype))
         try:
             for s in ids:
                 pages.add(s)

@@ -16,22 +16,32 @@ from .cpu_isa import vector_unit
 @dataclasses.dataclass(frozen=True)
 class AttentionKernels:
     """The ``kv_append``, ``paged_attention`` and ``attention_scores`` generators of one kernel module
-    (``cpu_attention`` or ``gpu_attention``), with the attention kernel sized for one target."""
+    (``cpu_attention`` or ``gpu_attention``), with the attention kernel sized for one target. ``dtype`` is
+    that of queries, new keys and values and outputs; ``kv_dtype`` that of the pool."""
 
     module: ModuleType
     sizing: tuple[tuple[str, int], ...] = ()  # paged_attention's target-specific keyword arguments
 
-    def kv_append(self, num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
-        return self.module.kv_append(num_kv_heads, head_dim, page_size, dtype)
+    def kv_append(self, num_kv_heads: int, head_dim: int, page_size: int, dtype: str, kv_dtype: str):
+        return self.module.kv_append(num_kv_heads, head_dim, page_size, dtype, kv_dtype)
 
     def paged_attention(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str, sparse: bool
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        dtype: str,
+        kv_dtype: str,
+        sparse: bool,
     ):
-        shape = (num_heads, num_kv_heads, head_dim, page_size, dtype, sparse)
+        shape = (num_heads, num_kv_heads, head_dim, page_size, dtype, kv_dtype, sparse)
         return self.module.paged_attention(*shape, **dict(self.sizing))
 
-    def attention_scores(self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
-        return self.module.attention_scores(num_heads, num_kv_heads, head_dim, page_size, dtype)
+    def attention_scores(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str, kv_dtype: str
+    ):
+        return self.module.attention_scores(num_heads, num_kv_heads, head_dim, page_size, dtype, kv_dtype)
 
 
 def attention_kernels(target: Target) -> AttentionKernels:

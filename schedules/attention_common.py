@@ -30,9 +30,11 @@ def paged_attention_entry(
     head_dim: int,
     page_size: int,
     dtype: str,
+    kv_dtype: str,
     sparse: bool,
 ) -> tirx.PrimFunc:
-    """The kernel ``name``: buffers bound from handles, then ``body(q, pool, page_table, token_seq, token_pos,
+    """The kernel ``name`` (queries and output in ``dtype``, the pool in ``kv_dtype``): buffers bound from
+    handles, then ``body(q, pool, page_table, token_seq, token_pos,
     query_tiles, out, layer, static_pos, static_len, window_start, num_tiles)`` (the three sparse-view
     buffers are None for the dense view)."""
     Hq, Hkv, D, P = num_heads, num_kv_heads, head_dim, page_size
@@ -45,7 +47,7 @@ def paged_attention_entry(
         num_pages = T.int32()
         max_pages = T.int32()
         q = T.match_buffer(q_h, (n, Hq, D), dtype)
-        pool = T.match_buffer(pool_h, (num_layers, num_pages, KV_TENSORS, Hkv, P * D), dtype)
+        pool = T.match_buffer(pool_h, (num_layers, num_pages, KV_TENSORS, Hkv, P * D), kv_dtype)
         page_table = T.match_buffer(page_table_h, (batch, max_pages), "int32")
         token_seq = T.match_buffer(token_seq_h, (n,), "int32")
         token_pos = T.match_buffer(token_pos_h, (n,), "int32")
@@ -99,7 +101,14 @@ def paged_attention_entry(
 
 
 def attention_scores_entry(
-    name: str, body, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str
+    name: str,
+    body,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    dtype: str,
+    kv_dtype: str,
 ) -> tirx.PrimFunc:
     """The SnapKV scores kernel ``name``: buffers bound from handles, then ``body(q, pool, page_table,
     token_seq, token_pos, layer, scores, n, batch, max_pages)``."""
@@ -122,7 +131,7 @@ def attention_scores_entry(
         batch = T.int32()
         max_pages = T.int32()
         q = T.match_buffer(q_h, (n, Hq, D), dtype)
-        pool = T.match_buffer(pool_h, (num_layers, num_pages, KV_TENSORS, Hkv, P * D), dtype)
+        pool = T.match_buffer(pool_h, (num_layers, num_pages, KV_TENSORS, Hkv, P * D), kv_dtype)
         page_table = T.match_buffer(page_table_h, (batch, max_pages), "int32")
         token_seq = T.match_buffer(token_seq_h, (n,), "int32")
         token_pos = T.match_buffer(token_pos_h, (n,), "int32")
@@ -133,10 +142,10 @@ def attention_scores_entry(
 
 
 def kv_append_entry(
-    name: str, body, num_kv_heads: int, head_dim: int, page_size: int, dtype: str
+    name: str, body, num_kv_heads: int, head_dim: int, page_size: int, dtype: str, kv_dtype: str
 ) -> tirx.PrimFunc:
-    """The KV append kernel ``name``: buffers bound from handles, then
-    ``body(pool, k, v, slot, layer, n)``."""
+    """The KV append kernel ``name`` (new K and V in ``dtype``, the pool in ``kv_dtype``): buffers bound from
+    handles, then ``body(pool, k, v, slot, layer, n)``."""
     Hkv, D, P = num_kv_heads, head_dim, page_size
 
     @T.prim_func(s_tir=True)
@@ -145,7 +154,7 @@ def kv_append_entry(
         num_layers = T.int32()
         num_pages = T.int32()
         n = T.int32()
-        pool = T.match_buffer(pool_h, (num_layers, num_pages, KV_TENSORS, Hkv, P * D), dtype)
+        pool = T.match_buffer(pool_h, (num_layers, num_pages, KV_TENSORS, Hkv, P * D), kv_dtype)
         k = T.match_buffer(k_h, (n, Hkv, D), dtype)
         v = T.match_buffer(v_h, (n, Hkv, D), dtype)
         slot = T.match_buffer(slot_h, (n,), "int32")

@@ -73,8 +73,9 @@ def pool_shape(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int
     return [num_layers, "num_pages", 2, num_kv_heads, page_size * head_dim]
 
 
-def kv_append(num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
-    """Write each new token's K (transposed page layout) and V into its slot of one layer."""
+def kv_append(num_kv_heads: int, head_dim: int, page_size: int, dtype: str, kv_dtype: str):
+    """Write each new token's K (transposed page layout) and V into its slot of one layer (rounded to
+    ``kv_dtype``)."""
     Hkv, D, P = num_kv_heads, head_dim, page_size
 
     @T.macro
@@ -82,11 +83,11 @@ def kv_append(num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
         for t in T.parallel(n):
             for h in T.serial(Hkv):
                 for d in T.serial(D):
-                    pool[layer, slot[t] // P, 0, h, d * P + slot[t] % P] = k[t, h, d]
+                    pool[layer, slot[t] // P, 0, h, d * P + slot[t] % P] = T.Cast(kv_dtype, k[t, h, d])
                 for d in T.vectorized(D):
-                    pool[layer, slot[t] // P, 1, h, (slot[t] % P) * D + d] = v[t, h, d]
+                    pool[layer, slot[t] // P, 1, h, (slot[t] % P) * D + d] = T.Cast(kv_dtype, v[t, h, d])
 
-    return kv_append_entry("kv_append_cpu", append_body, Hkv, D, P, dtype)
+    return kv_append_entry("kv_append_cpu", append_body, Hkv, D, P, dtype, kv_dtype)
 
 
 def paged_attention(
@@ -95,17 +96,19 @@ def paged_attention(
     head_dim: int,
     page_size: int,
     dtype: str,
+    kv_dtype: str,
     sparse: bool,
     score_accumulators: int = SCORE_ACCUMULATORS,
 ):
     """Tiled attention over the pool. Dense: keys ``0 .. pos``; sparse: the static list, then the window.
+    Queries and output in ``dtype``, the pool in ``kv_dtype``, all arithmetic in fp32.
     ``score_accumulators``: the target's vector registers for a row tile's scores (``cpu_isa``)."""
     Hq, Hkv, D, P = num_heads, num_kv_heads, head_dim, page_size
     G = Hq // Hkv
     KB = KEY_BLOCK
     RT = row_tile(G)
     CH = score_chains(RT, D, score_accumulators)
-    line_values = CACHE_LINE // np.dtype(dtype).itemsize
+    line_values = CACHE_LINE // np.dtype(kv_dtype).itemsize
     prefetch_lines = -(-P * D // line_values)  # cache lines of one page of K (or V) of one KV head
     ROWS_MAX = QUERY_TILE * G + RT  # rows of a query tile, plus the padding of its last row tile
     if P != KB:
@@ -334,10 +337,12 @@ def paged_attention(
                             out[r0 + m // G, kh * G + m % G, d] = T.Cast(dtype, merged[d] / stat[1])
 
     name = "sparse_attention_cpu" if sparse else "dense_attention_cpu"
-    return paged_attention_entry(name, body, Hq, Hkv, D, P, dtype, sparse)
+    return paged_attention_entry(name, body, Hq, Hkv, D, P, dtype, kv_dtype, sparse)
 
 
-def attention_scores(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
+def attention_scores(
+    num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str, kv_dtype: str
+):
     """SnapKV scores: for each row and KV head, the softmax attention each key position receives, summed over
     the row's query tokens and the query heads of the GQA group (dense view, causal)."""
     Hq, Hkv, D, P = num_heads, num_kv_heads, head_dim, page_size
@@ -386,4 +391,4 @@ def attention_scores(num_heads: int, num_kv_heads: int, head_dim: int, page_size
                                                     + fast_exp2(s[j] - stat[0]) / stat[1]
                                                 )
 
-    return attention_scores_entry("attention_scores_cpu", scores_body, Hq, Hkv, D, P, dtype)
+    return attention_scores_entry("attention_scores_cpu", scores_body, Hq, Hkv, D, P, dtype, kv_dtype)

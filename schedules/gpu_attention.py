@@ -39,22 +39,22 @@ MASKED = -1.0e38  # scores below this are masked keys: their probability is exac
 INT_MAX = 2147483647
 
 
-def shared_bytes(heads: int, key_block: int, head_dim: int, dtype: str) -> int:
+def shared_bytes(heads: int, key_block: int, head_dim: int, dtype: str, kv_dtype: str) -> int:
     """Shared memory of one attention block: ``heads`` query heads of a group, ``key_block`` keys a step."""
-    item = np.dtype(dtype).itemsize
+    item, kv_item = np.dtype(dtype).itemsize, np.dtype(kv_dtype).itemsize
     per_row = head_dim * (item + 4) + 2 * key_block * 4 + ROW_STATS * 4  # query, fp32 output, s, p, stats
-    per_key = 2 * head_dim * item + 2 * 4  # key, value, position, slot
+    per_key = 2 * head_dim * kv_item + 2 * 4  # key, value, position, slot
     return QUERY_TILE * heads * per_row + key_block * per_key
 
 
-def block_shape(group: int, head_dim: int, dtype: str, shared_limit: int) -> tuple[int, int]:
+def block_shape(group: int, head_dim: int, dtype: str, kv_dtype: str, shared_limit: int) -> tuple[int, int]:
     """``(heads, key_block)`` of an attention block within ``shared_limit`` bytes: the most query heads of the
     GQA group (a divisor of it, so fewer re-reads of each key), then the longest key block."""
     for heads in (h for h in range(group, 0, -1) if group % h == 0):
         for key_block in KEY_BLOCKS:
-            if shared_bytes(heads, key_block, head_dim, dtype) <= shared_limit:
+            if shared_bytes(heads, key_block, head_dim, dtype, kv_dtype) <= shared_limit:
                 return heads, key_block
-    need = shared_bytes(1, KEY_BLOCKS[-1], head_dim, dtype)
+    need = shared_bytes(1, KEY_BLOCKS[-1], head_dim, dtype, kv_dtype)
     raise TargetError(
         f"attention with head_dim {head_dim} in {dtype} needs {need} bytes of GPU shared memory, over this "
         f"target's {shared_limit}; compile with --dtype float16"
@@ -77,8 +77,9 @@ def _item(it, tx):
     return it * THREADS + tx
 
 
-def kv_append(num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
-    """Write each new token's K and V (row-major pages) into its slot of one layer; one thread a value."""
+def kv_append(num_kv_heads: int, head_dim: int, page_size: int, dtype: str, kv_dtype: str):
+    """Write each new token's K and V (row-major pages, rounded to ``kv_dtype``) into its slot of one
+    layer; one thread a value."""
     Hkv, D, P = num_kv_heads, head_dim, page_size
 
     @T.macro
@@ -94,10 +95,10 @@ def kv_append(num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
                         h: T.let[T.int32] = e // D % Hkv
                         d: T.let[T.int32] = e % D
                         s: T.let[T.int32] = slot[t]
-                        pool[layer, s // P, 0, h, s % P * D + d] = k[t, h, d]
-                        pool[layer, s // P, 1, h, s % P * D + d] = v[t, h, d]
+                        pool[layer, s // P, 0, h, s % P * D + d] = T.Cast(kv_dtype, k[t, h, d])
+                        pool[layer, s // P, 1, h, s % P * D + d] = T.Cast(kv_dtype, v[t, h, d])
 
-    return kv_append_entry("kv_append_gpu", append_body, Hkv, D, P, dtype)
+    return kv_append_entry("kv_append_gpu", append_body, Hkv, D, P, dtype, kv_dtype)
 
 
 def paged_attention(
@@ -106,13 +107,15 @@ def paged_attention(
     head_dim: int,
     page_size: int,
     dtype: str,
+    kv_dtype: str,
     sparse: bool,
     shared_limit: int = CUDA_STATIC_SHARED,
 ):
-    """Tiled attention over the pool. Dense: keys ``0 .. pos``; sparse: the static list, then the window."""
+    """Tiled attention over the pool. Dense: keys ``0 .. pos``; sparse: the static list, then the window.
+    Queries and output in ``dtype``, the pool (and its staged keys and values) in ``kv_dtype``."""
     Hq, Hkv, D, P = num_heads, num_kv_heads, head_dim, page_size
     G = Hq // Hkv
-    HB, KB = block_shape(G, D, dtype, shared_limit)  # query heads per block, keys per step
+    HB, KB = block_shape(G, D, dtype, kv_dtype, shared_limit)  # query heads per block, keys per step
     SPLIT = G // HB  # blocks per (tile, KV head)
     MR = QUERY_TILE * HB  # most rows (token, head) of one block
     scale = LOG2E / math.sqrt(D)
@@ -138,8 +141,8 @@ def paged_attention(
                     T.writes()
                     qs = T.sblock_alloc_buffer((MR, D), dtype, scope="shared")
                     acc = T.sblock_alloc_buffer((MR, D), "float32", scope="shared")
-                    kt = T.sblock_alloc_buffer((D, KB), dtype, scope="shared")  # keys, transposed
-                    vs = T.sblock_alloc_buffer((KB, D), dtype, scope="shared")
+                    kt = T.sblock_alloc_buffer((D, KB), kv_dtype, scope="shared")  # keys, transposed
+                    vs = T.sblock_alloc_buffer((KB, D), kv_dtype, scope="shared")
                     s = T.sblock_alloc_buffer((MR, KB), "float32", scope="shared")  # scores
                     p = T.sblock_alloc_buffer((MR, KB), "float32", scope="shared")  # probabilities
                     row_max = T.sblock_alloc_buffer((MR,), "float32", scope="shared")
@@ -259,10 +262,12 @@ def paged_attention(
                             )
 
     name = "sparse_attention_gpu" if sparse else "dense_attention_gpu"
-    return paged_attention_entry(name, body, Hq, Hkv, D, P, dtype, sparse)
+    return paged_attention_entry(name, body, Hq, Hkv, D, P, dtype, kv_dtype, sparse)
 
 
-def attention_scores(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str):
+def attention_scores(
+    num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str, kv_dtype: str
+):
     """SnapKV scores: for each row and KV head, the softmax attention each key position receives, summed over
     the row's query tokens and the query heads of the GQA group (dense view, causal).
 
@@ -343,4 +348,4 @@ def attention_scores(num_heads: int, num_kv_heads: int, head_dim: int, page_size
                                         scores[b, kh, _item(it, tx)] + T.exp2(dot[0] - total[0]) / total[1]
                                     )
 
-    return attention_scores_entry("attention_scores_gpu", scores_body, Hq, Hkv, D, P, dtype)
+    return attention_scores_entry("attention_scores_gpu", scores_body, Hq, Hkv, D, P, dtype, kv_dtype)

@@ -1,4 +1,5 @@
-"""The paged attention op (dense and sparse views) and KV append against a numpy reference."""
+"""The paged attention op (dense and sparse views) and KV append against a numpy reference, with a float32 and
+a float16 pool (float32 queries and arithmetic either way)."""
 
 from __future__ import annotations
 
@@ -15,17 +16,18 @@ HQ, HKV, D, LAYERS = 6, 2, 32, 2
 LAYER = 1
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    target = host_llvm()
+def build(func):
+    return tvm.compile(tvm.IRModule({"main": func}), target=host_llvm())["main"]
 
-    def build(func):
-        return tvm.compile(tvm.IRModule({"main": func}), target=target)["main"]
 
+@pytest.fixture(scope="module", params=["float32", "float16"])
+def kernels(request):
+    kv = request.param
     return {
-        "append": build(cpu_attention.kv_append(HKV, D, PAGE_SIZE, "float32")),
-        "dense": build(cpu_attention.paged_attention(HQ, HKV, D, PAGE_SIZE, "float32", False)),
-        "sparse": build(cpu_attention.paged_attention(HQ, HKV, D, PAGE_SIZE, "float32", True)),
+        "kv_dtype": kv,
+        "append": build(cpu_attention.kv_append(HKV, D, PAGE_SIZE, "float32", kv)),
+        "dense": build(cpu_attention.paged_attention(HQ, HKV, D, PAGE_SIZE, "float32", kv, False)),
+        "sparse": build(cpu_attention.paged_attention(HQ, HKV, D, PAGE_SIZE, "float32", kv, True)),
     }
 
 
@@ -58,8 +60,9 @@ def make_batch(rng, lengths, new_per_seq):
     page_table = np.zeros((len(lengths), width), np.int32)
     for i, t in enumerate(tables):
         page_table[i, : len(t)] = t
-    keys = [rng.standard_normal((n, HKV, D)).astype(np.float32) for n in lengths]
-    values = [rng.standard_normal((n, HKV, D)).astype(np.float32) for n in lengths]
+    # values a float16 pool holds exactly, so both pools must match the reference as closely
+    keys = [rng.standard_normal((n, HKV, D)).astype(np.float16).astype(np.float32) for n in lengths]
+    values = [rng.standard_normal((n, HKV, D)).astype(np.float16).astype(np.float32) for n in lengths]
     # queries: the last new_per_seq positions of each sequence
     seq_rows = np.concatenate([np.full(new_per_seq, i) for i in range(len(lengths))]).astype(np.int32)
     positions = np.concatenate([np.arange(n - new_per_seq, n) for n in lengths]).astype(np.int32)
@@ -67,7 +70,8 @@ def make_batch(rng, lengths, new_per_seq):
 
 
 def fill_pool(kernels, page_table, keys, values, num_pages):
-    pool = tvm.runtime.tensor(np.full((LAYERS, num_pages, 2, HKV, PAGE_SIZE * D), np.nan, np.float32))
+    shape = (LAYERS, num_pages, 2, HKV, PAGE_SIZE * D)
+    pool = tvm.runtime.tensor(np.full(shape, np.nan, kernels["kv_dtype"]))
     for b, (k, v) in enumerate(zip(keys, values)):
         pos = np.arange(len(k))
         slots = (page_table[b, pos // PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE).astype(np.int32)
@@ -150,8 +154,8 @@ def test_sparse_view_matches_numpy(kernels, new_per_seq):
 @pytest.mark.parametrize("heads", [HKV, 5 * HKV, 8 * HKV])  # one row, a padded row tile, two row tiles
 def test_dense_view_any_group_size(kernels, heads):
     """GQA groups of other sizes than the fixture's (row tiles of the group, padding of the last tile)."""
-    func = cpu_attention.paged_attention(heads, HKV, D, PAGE_SIZE, "float32", False)
-    dense = tvm.compile(tvm.IRModule({"main": func}), target=host_llvm())["main"]
+    kv = kernels["kv_dtype"]
+    dense = build(cpu_attention.paged_attention(heads, HKV, D, PAGE_SIZE, "float32", kv, False))
     check_dense(kernels, dense, heads, [50, 33], 4, heads)
 
 
@@ -162,8 +166,8 @@ def test_dense_view_with_split_keys(kernels, monkeypatch, min_blocks, new_per_se
     pages (5 or 2 ranges here), merged afterwards. With 5 verify rows, the earliest rows see no key at all of
     the last range."""
     monkeypatch.setattr(cpu_attention, "MIN_SPLIT_BLOCKS", min_blocks)
-    func = cpu_attention.paged_attention(HQ, HKV, D, PAGE_SIZE, "float32", False)
-    dense = tvm.compile(tvm.IRModule({"main": func}), target=host_llvm())["main"]
+    kv = kernels["kv_dtype"]
+    dense = build(cpu_attention.paged_attention(HQ, HKV, D, PAGE_SIZE, "float32", kv, False))
     check_dense(kernels, dense, HQ, [66, 35], new_per_seq, min_blocks)
 
 

@@ -14,6 +14,7 @@ from gguf.quants import dequantize, quantize
 
 from mlc_magicdec.bench import gguf_convert, peers, profile, roofline
 from mlc_magicdec.compile.config import ModelConfig
+from mlc_magicdec.runtime.costmodel import ModelSpec
 from mlc_magicdec.runtime.engine import Engine
 
 FP32 = 4
@@ -26,13 +27,15 @@ def test_step_bytes_match_transformers(tmp_path, family):
     # A step reads every parameter but the embedding table (its lm_head copy is read when tied).
     params = model.named_parameters()
     read = sum(p.numel() for n, p in params if "embed_tokens" not in n or cfg.tie_word_embeddings)
-    assert roofline.weight_bytes(cfg, FP32) == read * FP32
+    spec = ModelSpec(cfg, FP32)
+    assert roofline.weight_bytes(spec) == read * FP32
     context = 37
     with torch.no_grad():
         cache = model(torch.arange(3, 3 + context)[None], use_cache=True).past_key_values
     kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-    assert roofline.kv_bytes(cfg, context, FP32) == kv
-    rows = roofline.roofline_rows(cfg, [1, 4], [context], FP32, bandwidth=1e9)
+    assert roofline.kv_bytes(spec, context) == kv
+    assert roofline.kv_bytes(ModelSpec(cfg, FP32, kv_dtype_bytes=2), context) == kv // 2
+    rows = roofline.roofline_rows(spec, [1, 4], [context], bandwidth=1e9)
     assert rows[1]["step_bytes"] == read * FP32 + 4 * kv
     assert rows[1]["max_tok_s"] == pytest.approx(4 * 1e9 / (read * FP32 + 4 * kv))
 

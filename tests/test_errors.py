@@ -106,6 +106,7 @@ COMPILE_CASES = {
     "budget-negative": lambda tmp_path, tiny: (tiny[0], {"budget": -5}, "budget"),
     "budget-at-context": lambda tmp_path, tiny: (tiny[0], {"budget": TINY_CONTEXT}, "budget"),
     "dtype-int3": lambda tmp_path, tiny: (tiny[0], {"dtype": "int3"}, "int3"),
+    "kv-dtype-int8": lambda tmp_path, tiny: (tiny[0], {"kv_dtype": "int8"}, "--kv-dtype 'int8'"),
 }
 
 
@@ -123,7 +124,7 @@ def test_compile_error_python_api(tmp_path, tiny, case):
 def test_compile_error_cli(tmp_path, tiny, case):
     model, kwargs, expect = COMPILE_CASES[case](tmp_path, tiny)
     out = tmp_path / "out"
-    options = [x for k, v in kwargs.items() for x in (f"--{k}", v)]
+    options = [x for k, v in kwargs.items() for x in (f"--{k.replace('_', '-')}", v)]
     result = invoke("compile", model, "-o", out, *options)
     assert_nothing_left(out)
     assert expect in cli_error(result)

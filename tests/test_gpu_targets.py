@@ -219,7 +219,7 @@ def test_build_check_names_every_unbound_kernel():
     checked = check_bindings(mod)
     with pytest.raises(UnboundKernelError, match="2 GPU kernel.*: also_unbound, double_it; add a schedule"):
         raise_for_unbound(checked)
-    bound = tvm.IRModule({"kv_append": gpu_attention.kv_append(3, 64, PAGE_SIZE, "float16")})
+    bound = tvm.IRModule({"kv_append": gpu_attention.kv_append(3, 64, PAGE_SIZE, "float16", "float16")})
     assert unbound_kernels(bound) == []
     raise_for_unbound(check_bindings(bound))  # nothing to report
 

@@ -36,7 +36,13 @@ def fetch_model_cmd(name: str) -> None:
 @click.option(
     "--dtype",
     default=None,
-    help="Weight and KV dtype: float32 or float16 (default: float32 on CPU, float16 on GPUs).",
+    help="Weight and activation dtype: float32 or float16 (default: float32 on CPU, float16 on GPUs).",
+)
+@click.option(
+    "--kv-dtype",
+    default=None,
+    help="KV cache dtype: float32 or float16 (default: --dtype's). float16 halves the KV bytes each decode "
+    "step reads; attention still computes in float32.",
 )
 @click.option("--cpu", default=None, help="LLVM CPU name for --target llvm (default: this machine's).")
 @click.option(

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..bench import auto_vs_fixed, magicdec, peers, profile, published, published_report, report, roofline
-from ..constants import DTYPE_BYTES
 from ..errors import UserError
 from ..fileio import atomic_write_json
 from ..manifest import Manifest, ManifestError
@@ -112,13 +111,12 @@ def measure_roofline(
     threads = configure_threads(threads)
     art = Artifact.load(artifact)
     results.print(
-        f"command: {command_line()} | model: {art.config.source} ({art.dtype}) | threads: {threads}",
+        f"command: {command_line()} | model: {art.config.source} ({art.config.dtype_label}) | "
+        f"threads: {threads}",
         highlight=False,
     )
     machine = roofline.measure(threads)
-    rows = roofline.roofline_rows(
-        art.model, batches, contexts, DTYPE_BYTES[art.dtype], machine.bandwidth_median
-    )
+    rows = roofline.roofline_rows(art.spec, batches, contexts, machine.bandwidth_median)
     results.print(report.roofline_table(machine, rows))
     measured = {"machine": vars(machine), "rows": rows}
     if json_path:

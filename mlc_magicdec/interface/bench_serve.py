@@ -35,7 +35,8 @@ def _header(artifact: Path, url: str | None, serving: ServeConfig, threads: int 
             f"{serving.max_batch_tokens}, kv-capacity {kv}, threads {threads or 'default'}"
         )
     return (
-        f"command: {command_line()} | model: {Path(cfg.source).name} ({cfg.model['family']}, {cfg.dtype}) | "
+        f"command: {command_line()} | model: {Path(cfg.source).name} "
+        f"({cfg.model['family']}, {cfg.dtype_label}) | "
         f"target: {cfg.target['kind']} on {platform.processor() or platform.machine()} | {where}"
     )
 

@@ -29,11 +29,17 @@ ALLREDUCES_PER_LAYER = 2
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """A model's architecture, the bytes per weight and KV element, and a display name."""
+    """A model's architecture, the bytes per weight (and activation) and per KV element (default: the
+    same), and a display name."""
 
     config: ModelConfig
     dtype_bytes: int = DTYPE_BYTES[DEFAULT_DTYPE]
     name: str = "model"
+    kv_dtype_bytes: int | None = None
+
+    @property
+    def kv_element_bytes(self) -> int:
+        return self.kv_dtype_bytes or self.dtype_bytes
 
     @property
     def param_count(self) -> int:
@@ -69,9 +75,9 @@ class ModelSpec:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """``2 * layers * kv_heads * head_dim * dtype_bytes``: K and V of one token, all layers."""
+        """``2 * layers * kv_heads * head_dim * kv_element_bytes``: K and V of one token, all layers."""
         c = self.config
-        return KV_TENSORS * c.num_layers * c.num_kv_heads * c.head_dim * self.dtype_bytes
+        return KV_TENSORS * c.num_layers * c.num_kv_heads * c.head_dim * self.kv_element_bytes
 
     @property
     def attention_flops_per_entry(self) -> int:
@@ -104,6 +110,7 @@ class ModelSpec:
             "name": self.name,
             "family": self.config.family,
             "dtype_bytes": self.dtype_bytes,
+            "kv_dtype_bytes": self.kv_element_bytes,
             "params": self.param_count,
             "step_params": self.step_param_count,
             "weight_bytes": self.weight_bytes,
@@ -190,11 +197,13 @@ def load_model(spec: str, dtype: str | None = None) -> ModelSpec:
     path = Path(spec)
     if path.is_dir() and (path / ARTIFACT_CONFIG_NAME).is_file():
         try:
-            model, artifact_dtype = Manifest.model_of(path)
+            model, artifact_dtype, kv_dtype = Manifest.model_of(path)
             config = ModelConfig.from_dict(model)
         except (ManifestError, KeyError, TypeError) as e:
             raise CostModelError(f"{path / ARTIFACT_CONFIG_NAME} is corrupt ({e}); compile again") from None
-        return ModelSpec(config, _dtype_bytes(dtype or artifact_dtype, path), path.name)
+        if dtype:  # a dtype asked for replaces both
+            return ModelSpec(config, _dtype_bytes(dtype, path), path.name)
+        return ModelSpec(config, _dtype_bytes(artifact_dtype, path), path.name, _dtype_bytes(kv_dtype, path))
     file = path / HF_CONFIG_NAME if path.is_dir() else path
     if not file.is_file():
         raise CostModelError(

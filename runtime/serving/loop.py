@@ -30,13 +30,11 @@ from ...constants import (
     DEFAULT_MAX_BATCH_TOKENS,
     DEFAULT_MAX_RUNNING,
     DEFAULT_MAX_WAITING,
-    DTYPE_BYTES,
     PAGE_SIZE,
     SPECULATE_MODES,
 )
 from .. import decoding
 from ..autospec import AUTO_BUDGETS, AUTO_MAX_GAMMA, Acceptance, AutoPolicy, Choice, prior_curve
-from ..costmodel import ModelSpec
 from ..engine import Engine
 from ..sequences import GenerationStats, SequenceState
 from ..speculation import DEFAULT_GAMMA, RequestError
@@ -86,7 +84,7 @@ class ServeConfig:
 
 def default_kv_capacity(engine: Engine, max_running: int) -> int:
     """KV tokens for ``max_running`` full context windows, or ``KV_MEMORY_FRACTION`` of the free memory."""
-    specs = [ModelSpec(r.cfg, DTYPE_BYTES[r.artifact.dtype], r.artifact.path.name) for r in engine.runners]
+    specs = [r.artifact.spec for r in engine.runners]
     device = engine.target.device
     if device.dlpack_device_type() == tvm.cpu().dlpack_device_type():  # (the PoCL device too)
         free = _available_host_memory()
