@@ -230,8 +230,7 @@ def test_auto_fits_its_terms_on_the_device_not_the_preset(monkeypatch):
     monkeypatch.setattr(
         calib, "load_or_calibrate", lambda engine: calib.Calibration("k", fitted, tuple(samples))
     )
-    artifact = types.SimpleNamespace(dtype="float16", path=types.SimpleNamespace(name="llama"))
-    engine = types.SimpleNamespace(config=LLAMA_8B.config, artifact=artifact)
+    engine = types.SimpleNamespace(config=LLAMA_8B.config, artifact=types.SimpleNamespace(spec=LLAMA_8B))
     policy = autospec.AutoPolicy.calibrated(engine, cm.SELF_DRAFT, (1, 2), (256,))
     assert policy.costs.hardware == fitted
 
