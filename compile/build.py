@@ -23,16 +23,18 @@ from tvm import relax
 from tvm.contrib import tvmjs
 
 from .. import __version__
-from ..constants import DRAFT_KINDS, DTYPES
+from ..constants import DRAFT_KINDS, DTYPES, QUANTIZATIONS
 from ..errors import UserError
+from ..fileio import atomic_write_json
 from ..hashing import file_sha256
-from ..manifest import Manifest
+from ..manifest import WEIGHTS_NAME, Manifest
 from ..schedules import relax_pipeline
 from . import cuda, opencl
 from .config import ModelConfig
-from .convert import convert
+from .convert import convert, linear_sources, quantization_plan, unquantizable_width
 from .loaders import load_model
 from .model import LlamaModel
+from .quantization import FLOAT_TYPES, GGUF_FALLBACK, GROUP_SIZE
 from .targets import GPU_TARGETS, TargetPreset, resolve
 
 LIBRARY_NAME = "model.so"
@@ -52,9 +54,10 @@ class CompileError(UserError, ValueError):
     """A compile request that cannot be carried out; the message is one line."""
 
 
-def export_model(cfg: ModelConfig, preset: TargetPreset, dtype: str, kv_dtype: str):
-    """The Relax module and its ordered parameter list for ``cfg`` on ``preset``."""
-    model = LlamaModel(cfg, preset.target, dtype, kv_dtype)
+def export_model(cfg: ModelConfig, preset: TargetPreset, dtype: str, kv_dtype: str, formats=None):
+    """The Relax module and its ordered parameter list for ``cfg`` on ``preset`` (``formats``: the
+    quantized linears, see ``quantization``)."""
+    model = LlamaModel(cfg, preset.target, dtype, kv_dtype, formats)
     model.to(dtype)
     return model.export_tvm(spec=model.get_spec())
 
@@ -138,6 +141,7 @@ def compile_model(
     target: str = "llvm",
     dtype: str | None = None,
     kv_dtype: str | None = None,
+    quantization: str | None = None,
     cpu: str | None = None,
     arch: str | list[str] | None = None,
     drafts: tuple[str, ...] = (),
@@ -145,13 +149,20 @@ def compile_model(
     force: bool = False,
     quiet: bool = False,
 ) -> Path:
-    """Compile ``model_path`` (GGUF file or HF folder) into the artifact folder ``output``."""
+    """Compile ``model_path`` (GGUF file or HF folder) into the artifact folder ``output``.
+
+    ``quantization`` (``constants.QUANTIZATIONS``) defaults to ``gguf`` for a GGUF file whose linears are
+    quantized, ``q4f16_1`` on GPU targets, else ``none``."""
     output = Path(output)
     if output.exists() and not force:
         raise CompileError(f"{output} already exists; choose another -o or pass --force to replace it")
     for draft in drafts:
         if draft not in DRAFT_KINDS:
             raise CompileError(f"unknown draft {draft!r}; choose from: {', '.join(DRAFT_KINDS)}")
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise CompileError(
+            f"unknown --quantization {quantization!r}; choose from: {', '.join(QUANTIZATIONS)}"
+        )
     if budget is not None and budget < 1:
         raise CompileError(f"--budget must be a positive number of tokens, got {budget}")
     preset = resolve(target, cpu=cpu, arch=arch)
@@ -182,17 +193,23 @@ def compile_model(
                 raise CompileError(
                     f"--budget {budget} must be below the context window ({cfg.context_window})"
                 )
+            quantization = quantization or _default_quantization(loaded, preset)
+            formats = _quantization_formats(loaded, preset, quantization, quiet)
             with step(f"exporting graph ({cfg.family}, {cfg.num_layers} layers)"):
-                mod, named_params = export_model(cfg, preset, dtype, kv_dtype)
+                mod, named_params = export_model(cfg, preset, dtype, kv_dtype, formats)
                 names = [name for name, _ in named_params]
-            with step(f"converting weights to {dtype}"), contextlib.redirect_stdout(io.StringIO()):
+            with (
+                step(f"converting weights ({quantization}, {dtype})"),
+                contextlib.redirect_stdout(io.StringIO()),
+            ):
                 tvmjs.dump_tensor_cache(
-                    convert(cfg, loaded.weights, names, dtype),
+                    convert(cfg, loaded.weights, names, dtype, formats),
                     str(tmp),
                     encode_format="raw",
                     shard_cap_mb=WEIGHT_SHARD_MB,
                     show_progress=False,
                 )
+                record_formats(tmp, formats)
             with step(f"building library for {preset.kind}"):
                 build = json.dumps([cfg.to_dict(), dtype, kv_dtype, list(drafts), budget, __version__])
                 prefix = f"k{hashlib.sha256(build.encode()).hexdigest()[:8]}_"
@@ -203,11 +220,12 @@ def compile_model(
                 source=str(model_path),
                 dtype=dtype,
                 kv_dtype=kv_dtype,
+                quantization=quantization,
                 target=preset.describe(),
                 param_names=names,
                 hashes={
                     "library": file_sha256(tmp / library["library"]),
-                    "weights": file_sha256(tmp / "tensor-cache.json"),
+                    "weights": file_sha256(tmp / WEIGHTS_NAME),
                     **(
                         {"kernel_table": file_sha256(tmp / library["kernel_table"])}
                         if "kernel_table" in library
@@ -231,6 +249,66 @@ def compile_model(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return output
+
+
+def _stored_types(loaded) -> set[str]:
+    """How the model file stores its linears' weights (GGML type names, or "float")."""
+    return {loaded.weights.stored_type(p) for parts in linear_sources(loaded.config).values() for p in parts}
+
+
+def _default_quantization(loaded, preset: TargetPreset) -> str:
+    """``gguf`` for a GGUF file with quantized linears, ``q4f16_1`` on GPUs, else ``none``."""
+    if _stored_types(loaded) - set(FLOAT_TYPES):
+        return "gguf"
+    return "q4f16_1" if preset.schedules in GPU_TARGETS and preset.codegen is None else "none"
+
+
+def _quantization_formats(loaded, preset: TargetPreset, quantization: str, quiet: bool) -> dict:
+    """The format of each quantized linear; CompileError for a request this model or target cannot take."""
+    cfg, source = loaded.config, loaded.source
+    if quantization == "none":
+        return {}
+    if quantization == "gguf" and _stored_types(loaded) <= set(FLOAT_TYPES):
+        raise CompileError(
+            f"--quantization gguf keeps a GGUF file's quantized blocks, and {source} has none; "
+            "use --quantization q4f16_1 or none"
+        )
+    width = unquantizable_width(cfg)
+    if width is not None:
+        raise CompileError(
+            f"--quantization {quantization} needs linear input widths that are multiples of {GROUP_SIZE}; "
+            f"this model has {width}; use --quantization none"
+        )
+    formats, requantized = quantization_plan(cfg, loaded.weights, quantization)
+    half = sorted({f.name for f in formats.values() if f.scale_dtype != "float32"})
+    if preset.codegen is not None and half:
+        raise CompileError(
+            f"--target pocl runs float32 only (PoCL has no fp16 here), and {', '.join(half)} has float16 "
+            "scales; use --quantization q4f32_1 or none"
+        )
+    if requantized and not quiet:
+        kinds = sorted(
+            {loaded.weights.stored_type(p) for lin in requantized for p in linear_sources(cfg)[lin]}
+        )
+        Console(stderr=True).print(
+            f"note: {len(requantized)} linears are stored as {', '.join(kinds)}, which has no kernel here; "
+            f"re-quantized to {GGUF_FALLBACK}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    return formats
+
+
+def record_formats(folder: Path, formats: dict) -> None:
+    """Write each quantized tensor's format into the folder's ``tensor-cache.json`` records."""
+    path = folder / WEIGHTS_NAME
+    cache = json.loads(path.read_text())
+    for shard in cache["records"]:
+        for record in shard["records"]:
+            linear, _, tensor = record["name"].rpartition(".")
+            if linear in formats and tensor in formats[linear].tensors:
+                record["quantization"] = {"format": formats[linear].name, "group_size": GROUP_SIZE}
+    atomic_write_json(path, cache)
 
 
 class _Step:

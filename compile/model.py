@@ -21,6 +21,7 @@ query_tiles[num_tiles, 2]`` (see ``attention``).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 from tvm import relax, te, tirx
@@ -30,6 +31,9 @@ from tvm.target import Target
 
 from .attention import PAGE_SIZE, AttentionBatch, SparseView, append_kv, attention, attention_scores
 from .config import ModelConfig
+from .quantization import GroupFormat, dequantize
+
+Formats = Mapping[str, GroupFormat]  # linear name ("layers.0.mlp.down_proj", "lm_head") -> its format
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -75,23 +79,43 @@ def apply_rope(qkv: Tensor, positions: Tensor, inv_freq: Tensor, num_rotated_hea
 
 
 class Linear(nn.Module):
-    """``y = x @ W + b`` with ``W`` stored ``[in_features, out_features]``."""
+    """``y = x @ W + b`` with ``W`` ``[in_features, out_features]``: a float ``weight``, or with ``fmt`` the
+    group-quantized ``codes``, ``scale`` (and ``min``) that the matmul dequantizes as it reads them."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        self.weight = nn.Parameter((in_features, out_features))
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, fmt: GroupFormat | None = None
+    ):
+        self.fmt = fmt
+        if fmt is None:
+            self.weight = nn.Parameter((in_features, out_features))
+        else:
+            for name, (shape, dtype) in fmt.param_shapes(in_features, out_features).items():
+                setattr(self, name, nn.Parameter(shape, dtype))
         self.bias = nn.Parameter((out_features,)) if bias else None
 
+    def to(self, dtype: str | None = None) -> None:
+        """Float parameters follow ``dtype``; quantized ones keep their format's dtypes."""
+        for param in (getattr(self, "weight", None), self.bias):
+            if param is not None:
+                param.to(dtype)
+
     def forward(self, x: Tensor) -> Tensor:
-        y = op.matmul(x, self.weight)
+        if self.fmt is None:
+            w = self.weight
+        else:
+            w = dequantize(self.codes, self.scale, getattr(self, "min", None), self.fmt, x.dtype)
+        y = op.matmul(x, w)
         return y + self.bias if self.bias is not None else y
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, prefix: str, formats: Formats):
         self.cfg = cfg
         qkv_width = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, qkv_width, bias=cfg.qkv_bias)
-        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+        self.qkv_proj = Linear(cfg.hidden_size, qkv_width, cfg.qkv_bias, formats.get(prefix + "qkv_proj"))
+        self.o_proj = Linear(
+            cfg.num_heads * cfg.head_dim, cfg.hidden_size, fmt=formats.get(prefix + "o_proj")
+        )
 
     def forward(self, x, pool, batch: AttentionBatch, inv_freq, layer: int, target: Target, scores=None):
         c = self.cfg
@@ -109,10 +133,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, prefix: str, formats: Formats):
         self.inter = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_up_proj = Linear(
+            cfg.hidden_size, 2 * cfg.intermediate_size, fmt=formats.get(prefix + "gate_up_proj")
+        )
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, fmt=formats.get(prefix + "down_proj"))
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
@@ -120,9 +146,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+    def __init__(self, cfg: ModelConfig, prefix: str, formats: Formats):
+        self.self_attn = Attention(cfg, prefix + "self_attn.", formats)
+        self.mlp = MLP(cfg, prefix + "mlp.", formats)
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
 
@@ -133,14 +159,25 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """The whole decoder; ``lm_head`` is its own (transposed) parameter even when embeddings are tied."""
+    """The whole decoder; ``lm_head`` is its own (transposed) parameter even when embeddings are tied.
+    ``formats`` names the linears that are group-quantized (see ``quantization``); the rest are float."""
 
-    def __init__(self, cfg: ModelConfig, target: Target, dtype: str = "float32", kv_dtype: str | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        target: Target,
+        dtype: str = "float32",
+        kv_dtype: str | None = None,
+        formats: Formats | None = None,
+    ):
         self.cfg, self.target, self.dtype, self.kv_dtype = cfg, target, dtype, kv_dtype or dtype
+        formats = formats or {}
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_layers)])
+        self.layers = nn.ModuleList(
+            [DecoderLayer(cfg, f"layers.{i}.", formats) for i in range(cfg.num_layers)]
+        )
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, fmt=formats.get("lm_head"))
 
     def _hidden(self, embeds: Tensor, pool: Tensor, batch: AttentionBatch, scores: list | None = None):
         inv_freq = Tensor.from_const(rope_inv_freq(self.cfg))

@@ -16,6 +16,8 @@ DEFAULT_DRAFT = "snapkv"  # the view used when neither the caller nor the artifa
 GPU_TARGETS = ("cuda", "metal", "vulkan")
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 DTYPES = ("float32", "float16")  # what an artifact's activations and its KV pool can be compiled to
+# how an artifact stores its linear weights: float, a group-quantization scheme, or a GGUF file's own blocks
+QUANTIZATIONS = ("none", "q4f16_1", "q4f32_1", "q8f16_1", "gguf")
 # serving (the loop and its command line): requests admitted at once, tokens per step, queued requests
 SPECULATE_MODES = ("auto", "on", "off")  # per request: follow the policy, always draft, never draft
 DEFAULT_MAX_RUNNING = 32

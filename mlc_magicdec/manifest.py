@@ -15,6 +15,7 @@ from .errors import UserError
 from .fileio import atomic_write_json
 
 CONFIG_NAME = "mlc-magicdec-config.json"
+WEIGHTS_NAME = "tensor-cache.json"  # TVM's weight index (tvmjs): shards, and each tensor's record
 ARTIFACT_FORMAT = 1  # bump whenever the library's functions or the pool layout change
 
 
@@ -43,6 +44,9 @@ class Manifest:
     compile_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     chat_template: str | None = None  # the model's jinja2 chat template, if it has one
     kv_dtype: str | None = None  # of the KV pool (None: ``dtype``)
+    quantization: str = (
+        "none"  # of the linear weights (constants.QUANTIZATIONS); formats in tensor-cache.json
+    )
 
     @property
     def pool_dtype(self) -> str:
@@ -52,7 +56,8 @@ class Manifest:
     @property
     def dtype_label(self) -> str:
         """``float32``, or ``float32, KV float16`` where the pool's dtype differs (for report headers)."""
-        return self.dtype if self.pool_dtype == self.dtype else f"{self.dtype}, KV {self.pool_dtype}"
+        label = self.dtype if self.quantization == "none" else f"{self.quantization}, {self.dtype}"
+        return label if self.pool_dtype == self.dtype else f"{label}, KV {self.pool_dtype}"
 
     @property
     def device(self) -> str:
@@ -132,3 +137,13 @@ class Manifest:
         path = Path(folder) / CONFIG_NAME
         atomic_write_json(path, self.to_dict())
         return path
+
+
+def stored_weight_bytes(folder: str | Path) -> int | None:
+    """Bytes of all the weights an artifact folder holds (its shards), or None if its index is unreadable."""
+    try:
+        return sum(
+            shard["nbytes"] for shard in json.loads((Path(folder) / WEIGHTS_NAME).read_text())["records"]
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -16,7 +16,7 @@ from ..compile.targets import TargetError, device_from_string
 from ..constants import DTYPE_BYTES
 from ..errors import UserError, one_line
 from ..hashing import file_sha256
-from ..manifest import CONFIG_NAME, Manifest, ManifestError
+from ..manifest import CONFIG_NAME, WEIGHTS_NAME, Manifest, ManifestError, stored_weight_bytes
 from . import costmodel as cm
 from . import opencl
 
@@ -28,13 +28,13 @@ class ArtifactError(UserError, ValueError):
 def _check_shards(path: Path) -> None:
     """Every weight shard named in tensor-cache.json exists with the recorded size (cheap; no hashing)."""
     try:
-        records = json.loads((path / "tensor-cache.json").read_text())["records"]
+        records = json.loads((path / WEIGHTS_NAME).read_text())["records"]
         for shard in records:
             file = path / shard["dataPath"]
             if not file.is_file() or file.stat().st_size != shard["nbytes"]:
                 raise ArtifactError(f"weight shard {file.name} is missing or truncated; compile again")
     except (ValueError, KeyError, TypeError) as e:
-        raise ArtifactError(f"{path / 'tensor-cache.json'} is corrupt ({e}); compile again") from None
+        raise ArtifactError(f"{path / WEIGHTS_NAME} is corrupt ({e}); compile again") from None
 
 
 @dataclasses.dataclass
@@ -60,7 +60,13 @@ class Artifact:
     @property
     def spec(self) -> cm.ModelSpec:
         """The cost model's view of this artifact's model (its weight and KV bytes)."""
-        return cm.ModelSpec(self.model, DTYPE_BYTES[self.dtype], self.path.name, DTYPE_BYTES[self.kv_dtype])
+        return cm.ModelSpec(
+            self.model,
+            DTYPE_BYTES[self.dtype],
+            self.path.name,
+            DTYPE_BYTES[self.kv_dtype],
+            stored_weight_bytes(self.path),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> Artifact:
@@ -81,7 +87,7 @@ class Artifact:
                 f"{library} holds unlinked Metal objects; link them on this Mac first: "
                 f"mlc-magicdec link {path}"
             )
-        files = [("library", library), ("weights", path / "tensor-cache.json")]
+        files = [("library", library), ("weights", path / WEIGHTS_NAME)]
         if config.kernel_table:
             files.append(("kernel_table", path / config.kernel_table))
         for name, file in files:

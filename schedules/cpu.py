@@ -53,6 +53,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 from .cpu_isa import VectorUnit, vector_unit
+from .fusion import DEQUANTIZE, fuse_dequantize_matmul
 
 ROWS = 4  # output rows per register tile; m is zero-padded to a multiple of it
 TILE_VECTORS = (4, 5, 3, 2, 1)  # vectors per register-tile row (cols = vectors * lanes), by preference
@@ -113,10 +114,13 @@ class Matmul(ScheduleRule):
         infos = normalize_prim_func(sch)
         if infos is None:
             return None
-        reductions = [b for b in infos if not b.is_injective()]
-        if len(reductions) != 1 or infos[0] is not reductions[0] or infos[0].dom_kind() != "SSR":
+        reductions = [i for i, b in enumerate(infos) if not b.is_injective()]
+        if len(reductions) != 1 or reductions[0] > 1 or infos[reductions[0]].dom_kind() != "SSR":
             return None
-        main = infos[0]
+        weight = infos[0] if reductions[0] == 1 else None  # a quantized weight's dequantize
+        if weight is not None and not sch.get(weight.block_rv).name_hint.startswith(DEQUANTIZE):
+            return None
+        main = infos[reductions[0]]
         m_extent, n_extent, k_extent = main.dom()
         if not isinstance(n_extent, int) or not isinstance(k_extent, int):
             return None
@@ -132,23 +136,25 @@ class Matmul(ScheduleRule):
         cols, n_chunk = blocking
         k_block = next(f for f in (K_BLOCK, 4, 2, 1) if k_extent % f == 0)
         try:
-            return self._schedule(sch, infos, m_extent, cols, n_chunk, k_block, unit.lanes)
-        except (s_tir.ScheduleError, tvm.TVMError):
+            return self._schedule(
+                sch, main, weight, infos[reductions[0] + 1 :], m_extent, cols, n_chunk, k_block, unit.lanes
+            )
+        except RuntimeError:  # ScheduleError and TVM's internal errors
             return None
 
     @staticmethod
-    def _schedule(sch, infos, m_extent, cols, n_chunk, k_block, lanes) -> s_tir.Schedule:
-        block = infos[0].block_rv
+    def _schedule(sch, main, weight, epilogues, m_extent, cols, n_chunk, k_block, lanes) -> s_tir.Schedule:
+        block = main.block_rv
         # Row padding: A_pad (zero rows) feeds the kernel, C_pad -> C is the write-back.
         if isinstance(m_extent, int) and m_extent % ROWS == 0:
             a_pads = []
             write_back = sch.cache_write(block, 0, "global")
         else:
             sch.pad_einsum(block, [ROWS, 1, 1])
-            a_pads = list(sch.get_producers(block))
+            a_pads = [p for p in sch.get_producers(block) if weight is None or not p.same_as(weight.block_rv)]
             (write_back,) = sch.get_consumers(block)
         # Elementwise epilogues fold into the write-back.
-        for epilogue in reversed(infos[1:]):
+        for epilogue in reversed(epilogues):
             sch.reverse_compute_inline(epilogue.block_rv)
 
         m, n, k = sch.get_loops(block)
@@ -162,6 +168,9 @@ class Matmul(ScheduleRule):
         sch.unroll(mi)
         sch.unroll(ni_vec)
         sch.vectorize(ni_lane)
+        if weight is not None:  # dequantize the K_BLOCK x n_chunk tile of W once per row block, into L1
+            sch.compute_at(weight.block_rv, ko, preserve_unit_loops=True)
+            sch.set_scope(weight.block_rv, 0, "local")
         sch.decompose_reduction(block, ko)  # zero the C_pad block before ko
         sch.reverse_compute_at(write_back, nc, preserve_unit_loops=True)
 
@@ -173,6 +182,12 @@ class Matmul(ScheduleRule):
         vectorize_last(write_back)
         for pad in a_pads:
             vectorize_last(pad)
+        if weight is not None:  # one codes word per output feeds the tile's K_BLOCK rows: k innermost
+            k_tile, *n_tile = sch.get_loops(weight.block_rv)[3:]  # under nc, mb, ko
+            n_vec, n_lane = sch.split(sch.fuse(*n_tile), factors=[None, lanes])
+            sch.reorder(n_vec, k_tile, n_lane)
+            sch.unroll(k_tile)
+            sch.vectorize(n_lane)
         return sch
 
 
@@ -222,7 +237,7 @@ def pipeline(target: Target) -> tvm.transform.Pass:
             seq = tvm.transform.Sequential(
                 cpu.library_dispatch_passes(target)
                 + cpu.legalize_passes(target)
-                + [dl.ApplyDefaultSchedule(*rules())]
+                + [fuse_dequantize_matmul(), dl.ApplyDefaultSchedule(*rules())]
                 + cpu.dataflow_lower_passes(target)
                 + cpu.finalize_passes(target)
             )

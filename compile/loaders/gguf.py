@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..config import ModelConfig, ModelError
+from ..quantization import FORMATS, GGUF_KEPT, GROUP_SIZE, QuantizedWeight
 from .gguf_meta import GGUFMeta
 from .gguf_tokenizer import gguf_tokenizer_json
 from .source import LoadedModel, WeightSource, error_line, expected_weight_shapes
@@ -230,6 +231,8 @@ def _gguf_weights(
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise ModelError(f"{source} lacks the tensor for {missing[0]!r}{more}; the GGUF is incomplete")
     readers: dict[str, Callable[[], np.ndarray]] = {}
+    types: dict[str, str] = {}
+    blocks: dict[str, Callable[[], QuantizedWeight]] = {}
     for name, shape in expected.items():
         t = by_hf[name]
         gguf_shape = tuple(int(d) for d in reversed(t.shape.tolist()))
@@ -244,7 +247,39 @@ def _gguf_weights(
         elif permute and ".self_attn.k_proj." in name:
             n_head = config.num_kv_heads
         readers[name] = _gguf_reader(t, shape, n_head, source)
-    return WeightSource(readers, expected, source)
+        types[name] = t.tensor_type.name
+        if t.tensor_type.name in GGUF_KEPT:
+            blocks[name] = _gguf_blocks_reader(t, shape, n_head)
+    return WeightSource(readers, expected, source, types, blocks)
+
+
+def gguf_blocks(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> QuantizedWeight:
+    """A Q4_0, Q4_1 or Q8_0 tensor's raw blocks (``[rows, bytes]`` uint8) as its codes and scales, unchanged:
+    each block is an fp16 scale (Q4_1: and an fp16 min), then 32 codes (4-bit: the low nibbles of 16 bytes
+    are inputs 0-15, the high nibbles 16-31; Q8_0: int8, stored here offset by 128)."""
+    fmt = FORMATS[type_name]
+    rows, cols = shape
+    blocks = np.ascontiguousarray(data).reshape(rows, cols // GROUP_SIZE, -1)
+    head = 4 if fmt.has_min else 2
+    scale = blocks[:, :, :2].copy().view(np.float16)[:, :, 0]
+    minimum = blocks[:, :, 2:4].copy().view(np.float16)[:, :, 0] if fmt.has_min else None
+    packed = blocks[:, :, head:]
+    if fmt.bits == 4:
+        codes = np.concatenate([packed & 0x0F, packed >> 4], axis=2)
+    else:
+        codes = packed ^ np.uint8(0x80)  # int8 two's complement -> code = q + 128
+    return QuantizedWeight(fmt, codes.reshape(rows, cols), scale, minimum)
+
+
+def _gguf_blocks_reader(t: Any, shape: tuple[int, ...], n_head: int | None) -> Callable[[], QuantizedWeight]:
+    def read() -> QuantizedWeight:
+        weight = gguf_blocks(t.data, t.tensor_type.name, shape)
+        if n_head is None:
+            return weight
+        rows = unpermute_qk(np.arange(shape[0]), n_head)
+        return weight.take_rows(rows)
+
+    return read
 
 
 def _gguf_reader(t: Any, shape: tuple[int, ...], n_head: int | None, source: str) -> Callable[[], np.ndarray]:

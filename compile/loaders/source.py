@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..config import ModelConfig, ModelError
+from ..quantization import QuantizedWeight
 
 _MAX_ERROR_CHARS = 300
 
@@ -21,7 +22,6 @@ def error_line(e: BaseException | str) -> str:
     if isinstance(e, BaseException) and type(e).__name__ not in text:
         text = f"{type(e).__name__}: {text}"
     return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -36,11 +36,18 @@ class WeightSource(Mapping[str, np.ndarray]):
     """
 
     def __init__(
-        self, readers: dict[str, Callable[[], np.ndarray]], shapes: dict[str, tuple[int, ...]], source: str
+        self,
+        readers: dict[str, Callable[[], np.ndarray]],
+        shapes: dict[str, tuple[int, ...]],
+        source: str,
+        types: dict[str, str] | None = None,
+        blocks: dict[str, Callable[[], QuantizedWeight]] | None = None,
     ):
         self._readers = readers
         self._shapes = shapes
         self._source = source
+        self._types = types or {}
+        self._blocks = blocks or {}
 
     def __getitem__(self, name: str) -> np.ndarray:
         reader = self._readers[name]  # KeyError for unknown names, as a Mapping should
@@ -75,6 +82,24 @@ class WeightSource(Mapping[str, np.ndarray]):
     def shape(self, name: str) -> tuple[int, ...]:
         """The shape of tensor ``name`` (without reading it)."""
         return self._shapes[name]
+
+    def stored_type(self, name: str) -> str:
+        """How the file stores tensor ``name``: a GGML type name ("Q4_1", "F16", ...) or "float"."""
+        return self._types.get(name, "float")
+
+    def quantized(self, name: str) -> QuantizedWeight | None:
+        """Tensor ``name``'s quantized blocks as the file holds them, if it is in a format an artifact keeps
+        (``quantization.GGUF_KEPT``), else None."""
+        reader = self._blocks.get(name)
+        if reader is None:
+            return None
+        try:
+            return reader()
+        except Exception as e:  # a truncated tensor
+            raise ModelError(
+                f"cannot read tensor {name!r} from {self._source}: {error_line(e)}; "
+                "the file may be corrupt, download it again"
+            ) from None
 
     def __repr__(self) -> str:
         return f"WeightSource({len(self)} tensors from {self._source})"

@@ -10,7 +10,7 @@ from ...compile.config import ModelConfig, ModelError
 from ...compile.loaders import read_json
 from ...constants import DTYPE_BYTES, KV_TENSORS
 from ...manifest import CONFIG_NAME as ARTIFACT_CONFIG_NAME
-from ...manifest import Manifest, ManifestError
+from ...manifest import Manifest, ManifestError, stored_weight_bytes
 from .hardware import ATTENTION_FLOPS_PER_ENTRY, DEFAULT_DTYPE, HF_CONFIG_NAME, CostModelError
 
 # ------------------------------------------------------------------------------------------------------
@@ -30,12 +30,14 @@ ALLREDUCES_PER_LAYER = 2
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """A model's architecture, the bytes per weight (and activation) and per KV element (default: the
-    same), and a display name."""
+    same), a display name, and for an artifact the bytes its weights take as stored (quantized linears
+    take fewer than ``dtype_bytes`` per weight)."""
 
     config: ModelConfig
     dtype_bytes: int = DTYPE_BYTES[DEFAULT_DTYPE]
     name: str = "model"
     kv_dtype_bytes: int | None = None
+    stored_bytes: int | None = None  # an artifact's weights as stored (quantized linears), if known
 
     @property
     def kv_element_bytes(self) -> int:
@@ -69,9 +71,17 @@ class ModelSpec:
         return c.num_layers * (attention + bias + mlp + norms) + c.hidden_size
 
     @property
+    def param_bytes(self) -> int:
+        """Bytes of all the weights, as held in memory."""
+        return self.param_count * self.dtype_bytes if self.stored_bytes is None else self.stored_bytes
+
+    @property
     def weight_bytes(self) -> int:
-        """``W``: bytes of weights one decode step reads."""
-        return self.step_param_count * self.dtype_bytes
+        """``W``: bytes of weights one decode step reads: all but the input embedding table, of which a step
+        looks up one row per token (an artifact stores that table on its own, in ``dtype``)."""
+        if self.stored_bytes is None:
+            return self.step_param_count * self.dtype_bytes
+        return self.stored_bytes - self.config.vocab_size * self.config.hidden_size * self.dtype_bytes
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -203,7 +213,13 @@ def load_model(spec: str, dtype: str | None = None) -> ModelSpec:
             raise CostModelError(f"{path / ARTIFACT_CONFIG_NAME} is corrupt ({e}); compile again") from None
         if dtype:  # a dtype asked for replaces both
             return ModelSpec(config, _dtype_bytes(dtype, path), path.name)
-        return ModelSpec(config, _dtype_bytes(artifact_dtype, path), path.name, _dtype_bytes(kv_dtype, path))
+        return ModelSpec(
+            config,
+            _dtype_bytes(artifact_dtype, path),
+            path.name,
+            _dtype_bytes(kv_dtype, path),
+            stored_weight_bytes(path),
+        )
     file = path / HF_CONFIG_NAME if path.is_dir() else path
     if not file.is_file():
         raise CostModelError(

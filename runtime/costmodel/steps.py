@@ -132,10 +132,10 @@ def memory_needed(
     A self-draft's compressed view indexes the target's own pool and needs no memory of its own.
     """
     m = as_spec(model)
-    total = m.param_count * m.dtype_bytes + batch * m.kv_bytes_per_token * context
+    total = m.param_bytes + batch * m.kv_bytes_per_token * context
     if draft.model is not None:
         kv_len = min(budget, context) if draft.compressed and budget else context
-        total += draft.model.param_count * draft.model.dtype_bytes
+        total += draft.model.param_bytes
         total += batch * draft.model.kv_bytes_per_token * kv_len
     return total
 

@@ -89,7 +89,7 @@ def default_kv_capacity(engine: Engine, max_running: int) -> int:
     if device.dlpack_device_type() == tvm.cpu().dlpack_device_type():  # (the PoCL device too)
         free = _available_host_memory()
     else:
-        free = device.total_global_memory - sum(s.param_count * s.dtype_bytes for s in specs)
+        free = device.total_global_memory - sum(s.param_bytes for s in specs)
     per_token = sum(s.kv_bytes_per_token for s in specs)
     tokens = min(
         max_running * engine.config.context_window,
