@@ -49,7 +49,7 @@ def fetch_model_cmd(name: str) -> None:
     default=None,
     help="Linear weights: none (float, --dtype), q4f16_1/q4f32_1 (4-bit, groups of 32, fp16/fp32 scales), "
     "q8f16_1 (8-bit), or gguf (keep a GGUF file's Q4_0/Q4_1/Q8_0 blocks as they are). Default: gguf for a "
-    "quantized GGUF, q4f16_1 on GPUs, else none.",
+    "quantized GGUF on the CPU, else none.",
 )
 @click.option("--cpu", default=None, help="LLVM CPU name for --target llvm (default: this machine's).")
 @click.option(
