@@ -288,9 +288,8 @@ def _quantization_formats(loaded, preset: TargetPreset, quantization: str, quiet
             "scales; use --quantization q4f32_1 or none"
         )
     if requantized and not quiet:
-        kinds = sorted(
-            {loaded.weights.stored_type(p) for lin in requantized for p in linear_sources(cfg)[lin]}
-        )
+        sources = linear_sources(cfg)
+        kinds = sorted({loaded.weights.stored_type(p) for linear in requantized for p in sources[linear]})
         Console(stderr=True).print(
             f"note: {len(requantized)} linears are stored as {', '.join(kinds)}, which has no kernel here; "
             f"re-quantized to {GGUF_FALLBACK}",

@@ -70,10 +70,9 @@ def _layer_params(cfg: ModelConfig, hf: Mapping[str, np.ndarray], i: int) -> dic
 
 def _quantized(hf: WeightSource, parts: list[str], fmt: GroupFormat) -> QuantizedWeight:
     """A linear's parts in ``fmt``: the file's own blocks when they are in it, else quantized from floats."""
-    kept = getattr(hf, "quantized", lambda _: None)  # a plain mapping of floats has no blocks
-    blocks = [kept(p) for p in parts]
-    if all(b is not None and b.fmt == fmt for b in blocks):
-        return QuantizedWeight.stack(blocks)
+    stored = getattr(hf, "stored_type", lambda _: "float")  # a plain mapping of floats has no blocks
+    if all(stored(p) == fmt.name for p in parts):  # read blocks only where they are kept
+        return QuantizedWeight.stack([hf.quantized(p) for p in parts])
     return quantize(np.concatenate([hf[p] for p in parts], axis=0), fmt)
 
 
