@@ -6,10 +6,10 @@ Systems, each with the same prompts, greedy, the same thread count, measured one
 - **ours, plain**: ``decode`` over the prefilled batch;
 - **ours, MagicDec**: self-speculative decoding (``draft``/``budget``/``gamma``) on the same prefill;
 - **transformers** on torch CPU, fp32 (the ``test`` extra);
-- **llama.cpp** through ``llama-cpp-python`` (the ``peers`` extra, skipped when missing): plain decoding on
-  the shipped GGUF (Q4_1) and on an F32 GGUF of the same weights, each with llama.cpp's default F16 KV cache,
-  and the F32 GGUF with an F32 KV cache (the like-for-like dtype: ours is fp32 throughout); prompt-lookup
-  speculative decoding (batch 1, F32 weights and KV); each with flash attention off and on.
+- **llama.cpp** through ``llama-cpp-python`` (the ``peers`` extra, skipped when missing), as shipped: the
+  artifact's GGUF with its own weights (e.g. Q4_1) and llama.cpp's default F16 KV cache, plain and, at
+  batch 1, with prompt-lookup speculative decoding, each with flash attention off and on
+  (``llama_variants`` adds converted copies, e.g. ``("f32", "f32")``).
 
 A cell is a (batch, context): the prompts are ``context - new_tokens`` tokens, so the last of ``new_tokens``
 decoded tokens sits at ``context``. Each system prefills once (timed, reported as prefill tokens/s of one
@@ -34,15 +34,23 @@ from ..runtime.engine import Engine
 from . import gguf_convert, llamacpp, roofline
 
 OURS_PLAIN = "ours, plain"
+OURS_MAGICDEC = "ours, MagicDec"
 TRANSFORMERS = "transformers (torch fp32)"
-BANDWIDTH_TARGET_BATCHED = 0.70  # issue #5: at least 70% of the bandwidth at batch 8 x 4k
-BANDWIDTH_BATCHED_CONTEXT = 4096
-BANDWIDTH_TARGET_SINGLE = 0.50  # and at least 50% at batch 1
-LIKE_FOR_LIKE = "F32 KV F32"  # the llama.cpp weights and KV cache matching our fp32 artifact
-LLAMA_TARGET_MIN_CONTEXT = 4096  # the llama.cpp targets are set at 4k and 8k
-LLAMA_TARGET_BATCHED = 2.0  # at least 2x llama.cpp at batch 8
-MAGICDEC_TARGET = 1.5  # MagicDec at least 1.5x the best peer at batch 8 x 8k
-MAGICDEC_TARGET_MIN_CONTEXT = 8192
+SHIPPED = "shipped"  # a llama.cpp variant's weights: the GGUF's own type
+LLAMA_DEFAULT_KV = "f16"  # llama.cpp's default KV cache type
+# issue #16's targets, each against llama.cpp as shipped (plain: its best flash-attention mode; MagicDec:
+# its best mode, prompt lookup included) or transformers; (batch, least context) -> the least ratio
+PLAIN_VS_LLAMA = {(1, 0): 1.0, (8, 4096): 2.0}
+MAGICDEC_VS_LLAMA = {(1, 8192): 1.3, (8, 8192): 2.5}
+PREFILL_VS_LLAMA = 1.5  # prefill tokens/s at batch 1
+PREFILL_VS_TRANSFORMERS = 1.0
+BANDWIDTH_TARGETS = {(1, 1024): 0.70}  # (batch, context): share of the read-bandwidth roofline, plain
+
+
+def _target(table: dict[tuple[int, int], float], batch: int, context: int) -> float | None:
+    """The entry of ``table`` for ``batch`` with the largest least context that ``context`` reaches."""
+    keys = [k for k in table if batch == k[0] and context >= k[1]]
+    return table[max(keys)] if keys else None
 
 
 @dataclasses.dataclass
@@ -50,11 +58,10 @@ class PeerSettings:
     new_tokens: int
     repeats: int
     draft: str
-    budget: int
-    gamma: int
-    # llama.cpp runs (weights, KV cache): the shipped GGUF and a converted F32 copy with llama.cpp's default
-    # F16 KV, and the F32 copy with an F32 KV
-    llama_variants: tuple[tuple[str, str], ...] = (("q4_1", "f16"), ("f32", "f16"), ("f32", "f32"))
+    budget: int | str  # tokens, or "auto": the cost model picks, per round
+    gamma: int | str
+    # llama.cpp runs (weights, KV cache); the first is the one prompt lookup also runs
+    llama_variants: tuple[tuple[str, str], ...] = ((SHIPPED, LLAMA_DEFAULT_KV),)
     flash_attn: tuple[bool, ...] = (False, True)
     slow_repeats: int | None = None  # repeats for transformers and llama.cpp with flash attention on (the
     # slowest peers on CPU); None: ``repeats``
@@ -96,7 +103,8 @@ class Measurement:
 
 def _ours(engine: Engine, prompts: list[list[int]], s: PeerSettings) -> list[Measurement]:
     """Our plain and MagicDec decoding on one prefill of the whole batch."""
-    with engine.prefill(prompts, max_new_tokens=s.new_tokens, max_gamma=s.gamma) as batch:
+    reserve = {} if isinstance(s.gamma, str) else {"max_gamma": s.gamma}
+    with engine.prefill(prompts, max_new_tokens=s.new_tokens, **reserve) as batch:
         plain, spec = [], []
         for _ in range(s.repeats):
             res = engine.decode(batch, stop_at_eos=False)
@@ -112,7 +120,9 @@ def _ours(engine: Engine, prompts: list[list[int]], s: PeerSettings) -> list[Mea
     n = len(prompts[0])
     return [
         Measurement(OURS_PLAIN, prefill, n, plain, steps * len(prompts)),
-        Measurement(f"ours, MagicDec ({s.draft}/{s.budget}, gamma {s.gamma})", prefill, n, spec, spec_tokens),
+        Measurement(
+            f"{OURS_MAGICDEC} ({s.draft}/{s.budget}, gamma {s.gamma})", prefill, n, spec, spec_tokens
+        ),
     ]
 
 
@@ -158,7 +168,7 @@ class TransformersPeer:
 def llama_gguf(source: Path, dtype: str) -> Path:
     """The GGUF llama.cpp runs for ``dtype``: the shipped file for its own type, else a converted copy."""
     shipped = source.stem.split(".")[-1].lower()
-    return source if dtype == shipped else gguf_convert.convert(source, dtype)
+    return source if dtype in (SHIPPED, shipped) else gguf_convert.convert(source, dtype)
 
 
 def _llama_label(gguf: Path, kv_dtype: str) -> str:
@@ -218,11 +228,15 @@ def compare(
                 progress(f"batch {batch}, context {context}: llama.cpp {dtype} KV {kv} flash attn {fa}")
                 measured.append(_llama_plain(ggufs[dtype], kv, prompts[0], batch, settings, threads, fa))
         if have_llama and batch == 1:
-            dtype, kv = settings.llama_variants[-1]
+            dtype, kv = settings.llama_variants[0]
             for fa in settings.flash_attn:
                 progress(f"batch {batch}, context {context}: llama.cpp prompt lookup flash attn {fa}")
                 measured.append(_llama_lookup(ggufs[dtype], kv, prompts[0], settings, threads, fa))
         rows += [m.row(batch, context) for m in measured]
+    if have_llama:
+        shipped = f"llama.cpp {_llama_label(ggufs[settings.llama_variants[0][0]], LLAMA_DEFAULT_KV)}"
+        for r in rows:
+            r["llama_as_shipped"] = r["system"].startswith(f"{shipped} ")
     return rows, notes
 
 
@@ -252,7 +266,7 @@ def add_ratios(rows: list[dict]) -> None:
     for r in rows:
         cell = [o for o in rows if (o["batch"], o["context"]) == (r["batch"], r["context"])]
         plain = next(o for o in cell if o["system"] == OURS_PLAIN)
-        spec = next(o for o in cell if o["system"].startswith("ours, MagicDec"))
+        spec = next(o for o in cell if o["system"].startswith(OURS_MAGICDEC))
         r["plain_ratio"] = plain["decode_tok_s"] / r["decode_tok_s"]
         r["magicdec_ratio"] = spec["decode_tok_s"] / r["decode_tok_s"]
 
@@ -269,6 +283,18 @@ def best_peer(rows: list[dict], batch: int, context: int, prefix: str = "") -> d
     return max(peers, key=lambda r: r["decode_tok_s"]) if peers else None
 
 
+def _llama_as_shipped(rows: list[dict], batch: int, context: int, lookup: bool) -> dict | None:
+    """The fastest llama.cpp-as-shipped row of a cell: plain only, or prompt lookup included."""
+    cell = [
+        r
+        for r in rows
+        if (r["batch"], r["context"]) == (batch, context)
+        and r.get("llama_as_shipped")
+        and (lookup or "prompt-lookup" not in r["system"])
+    ]
+    return max(cell, key=lambda r: r["decode_tok_s"]) if cell else None
+
+
 def _verdict(value: float, target: float, unit: str = "x") -> str:
     got = f"{value:.0%}" if unit == "%" else f"{value:.2f}x"
     want = f"{target:.0%}" if unit == "%" else f"{target:.1f}x"
@@ -280,39 +306,33 @@ def _verdict(value: float, target: float, unit: str = "x") -> str:
 def target_lines(rows: list[dict], fractions: dict) -> list[str]:
     """The issue's targets, each with its measured value, for the cells that were run."""
     lines = []
-    cells = sorted({(r["batch"], r["context"]) for r in rows})
-    for batch, context in cells:
-        frac = fractions.get((batch, context))
-        want = BANDWIDTH_TARGET_SINGLE if batch == 1 else None
-        want = BANDWIDTH_TARGET_BATCHED if batch > 1 and context == BANDWIDTH_BATCHED_CONTEXT else want
-        if frac is not None and want is not None:
-            verdict = _verdict(frac, want, "%")
-            lines.append(f"read bandwidth used, plain, batch {batch} x {context}: {verdict}")
-        hf = best_peer(rows, batch, context, "transformers")
-        if hf:
-            lines.append(
-                f"plain vs transformers, batch {batch} x {context}: {_verdict(hf['plain_ratio'], 1.0)}"
+    for batch, context in sorted({(r["batch"], r["context"]) for r in rows}):
+        cell = f"batch {batch} x {context}"
+        plain = next(
+            r for r in rows if (r["batch"], r["context"], r["system"]) == (batch, context, OURS_PLAIN)
+        )
+        want = BANDWIDTH_TARGETS.get((batch, context))
+        if (frac := fractions.get((batch, context))) is not None:
+            verdict = _verdict(frac, want, "%") if want else f"{frac:.0%}"
+            lines.append(f"read bandwidth used, plain, {cell}: {verdict}")
+        if hf := best_peer(rows, batch, context, "transformers"):
+            lines.append(f"plain vs transformers, {cell}: {_verdict(hf['plain_ratio'], 1.0)}")
+            if batch == 1:
+                ratio = plain["prefill_tok_s"] / hf["prefill_tok_s"]
+                lines.append(f"prefill vs transformers, {cell}: {_verdict(ratio, PREFILL_VS_TRANSFORMERS)}")
+        if (lc := _llama_as_shipped(rows, batch, context, lookup=False)) and (
+            want := _target(PLAIN_VS_LLAMA, batch, context)
+        ):
+            lines.append(f"plain vs {lc['system']}, {cell}: {_verdict(lc['plain_ratio'], want)}")
+        if lc and batch == 1:
+            fastest = max(
+                (r for r in rows if (r["batch"], r["context"]) == (1, context) and r.get("llama_as_shipped")),
+                key=lambda r: r["prefill_tok_s"],
             )
-        lc = _best_plain_llama(rows, batch, context)
-        if lc and context >= LLAMA_TARGET_MIN_CONTEXT:
-            want = LLAMA_TARGET_BATCHED if batch > 1 else 1.0
-            verdict = _verdict(lc["plain_ratio"], want)
-            lines.append(f"plain vs best {lc['system']}, batch {batch} x {context}: {verdict}")
-        best = best_peer(rows, batch, context)
-        if best and batch > 1 and context >= MAGICDEC_TARGET_MIN_CONTEXT:
-            lines.append(
-                f"MagicDec vs best peer ({best['system']}), batch {batch} x {context}: "
-                f"{_verdict(best['magicdec_ratio'], MAGICDEC_TARGET)}"
-            )
+            ratio = plain["prefill_tok_s"] / fastest["prefill_tok_s"]
+            lines.append(f"prefill vs {fastest['system']}, {cell}: {_verdict(ratio, PREFILL_VS_LLAMA)}")
+        if (best := _llama_as_shipped(rows, batch, context, lookup=True)) and (
+            want := _target(MAGICDEC_VS_LLAMA, batch, context)
+        ):
+            lines.append(f"MagicDec vs {best['system']}, {cell}: {_verdict(best['magicdec_ratio'], want)}")
     return lines
-
-
-def _best_plain_llama(rows: list[dict], batch: int, context: int) -> dict | None:
-    plain = [
-        r
-        for r in rows
-        if (r["batch"], r["context"]) == (batch, context)
-        and r["system"].startswith(f"llama.cpp {LIKE_FOR_LIKE}")
-        and "prompt-lookup" not in r["system"]
-    ]
-    return max(plain, key=lambda r: r["decode_tok_s"]) if plain else None

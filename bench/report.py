@@ -125,6 +125,23 @@ def peers_table(rows: list[dict], fractions: dict) -> Table:
     return table
 
 
+def memory_table(rows: list[dict], batch: int, context: int) -> Table:
+    """Peak resident memory and model bytes on disk, per system."""
+    mib = 1 << 20
+    table = Table(title=f"memory decoding batch {batch} x {context} (peak resident set of a fresh process)")
+    for col in ("system", "peak resident MiB", "model on disk MiB", "resident / ours"):
+        table.add_column(col, justify="right")
+    ours = rows[0]["peak_resident_bytes"]
+    for r in rows:
+        table.add_row(
+            r["system"],
+            f"{r['peak_resident_bytes'] / mib:.0f}",
+            f"{r['model_bytes'] / mib:.0f}",
+            f"{r['peak_resident_bytes'] / ours:.2f}x",
+        )
+    return table
+
+
 def roofline_table(machine, rows: list[dict]) -> Table:
     """Bytes a decode step reads and the tokens/s the measured bandwidth allows, per (batch, context)."""
     gb = 1e9

@@ -108,87 +108,130 @@ class Matmul(ScheduleRule):
     """k-blocked, register-tiled matmul against an ``[in, out]`` weight (see module docstring)."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc):
+        if not isinstance(func, tirx.PrimFunc) or (plan := _plan(func, target)) is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
-        reductions = [i for i, b in enumerate(infos) if not b.is_injective()]
-        if len(reductions) != 1 or reductions[0] > 1 or infos[reductions[0]].dom_kind() != "SSR":
-            return None
-        weight = infos[0] if reductions[0] == 1 else None  # a quantized weight's dequantize
-        if weight is not None and not sch.get(weight.block_rv).name_hint.startswith(DEQUANTIZE):
-            return None
-        main = infos[reductions[0]]
-        m_extent, n_extent, k_extent = main.dom()
-        if not isinstance(n_extent, int) or not isinstance(k_extent, int):
-            return None
-        block = main.block_rv
-        stmt = sch.get(block)
-        _, n_var, k_var = (iv.var for iv in stmt.iter_vars)
-        if stmt.writes[0].source.dtype != "float32" or not _weight_is_k_by_n(stmt, k_var, n_var):
-            return None
-        unit = vector_unit(target)
-        blocking = _column_blocking(n_extent, _num_cores(target), unit)
-        if blocking is None:
-            return None
-        cols, n_chunk = blocking
-        k_block = next(f for f in (K_BLOCK, 4, 2, 1) if k_extent % f == 0)
+        rows = plan[ROWS_ARG]
         try:
-            return self._schedule(
-                sch, main, weight, infos[reductions[0] + 1 :], m_extent, cols, n_chunk, k_block, unit.lanes
-            )
+            if isinstance(rows, int):  # a static number of rows
+                return (_single_row if rows == 1 else _tiled)(*plan)
+            single = _single_row(*_plan(func, target)).mod["main"]
+            tiled = _tiled(*plan).mod["main"]
         except RuntimeError:  # ScheduleError and TVM's internal errors
             return None
+        # one token (batch-1 decode and draft) takes its own nest; both sum over k in the same order
+        body = tirx.IfThenElse(rows == 1, single.body, tiled.body)
+        root = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", body))
+        return s_tir.Schedule(tiled.with_body(root))
 
-    @staticmethod
-    def _schedule(sch, main, weight, epilogues, m_extent, cols, n_chunk, k_block, lanes) -> s_tir.Schedule:
-        block = main.block_rv
-        # Row padding: A_pad (zero rows) feeds the kernel, C_pad -> C is the write-back.
-        if isinstance(m_extent, int) and m_extent % ROWS == 0:
-            a_pads = []
-            write_back = sch.cache_write(block, 0, "global")
-        else:
-            sch.pad_einsum(block, [ROWS, 1, 1])
-            a_pads = [p for p in sch.get_producers(block) if weight is None or not p.same_as(weight.block_rv)]
-            (write_back,) = sch.get_consumers(block)
-        # Elementwise epilogues fold into the write-back.
-        for epilogue in reversed(epilogues):
-            sch.reverse_compute_inline(epilogue.block_rv)
 
-        m, n, k = sch.get_loops(block)
-        mb, mo, mi = sch.split(m, factors=[None, M_BLOCK // ROWS, ROWS])
-        nc, nt, ni = sch.split(n, factors=[None, n_chunk // cols, cols])
-        ko, ki = sch.split(k, factors=[None, k_block])
-        sch.reorder(nc, mb, ko, mo, nt, ki, mi, ni)
-        sch.parallel(nc)
-        ni_vec, ni_lane = sch.split(ni, factors=[None, lanes])
-        sch.unroll(ki)
-        sch.unroll(mi)
-        sch.unroll(ni_vec)
-        sch.vectorize(ni_lane)
-        if weight is not None:  # dequantize the K_BLOCK x n_chunk tile of W once per row block, into L1
-            sch.compute_at(weight.block_rv, ko, preserve_unit_loops=True)
-            sch.set_scope(weight.block_rv, 0, "local")
-        sch.decompose_reduction(block, ko)  # zero the C_pad block before ko
-        sch.reverse_compute_at(write_back, nc, preserve_unit_loops=True)
+ROWS_ARG = 4  # where ``_plan`` puts the number of rows (tokens) in its tuple
 
-        def vectorize_last(blk):
-            *_, last = sch.get_loops(blk)
-            _, lane = sch.split(last, factors=[None, lanes])
-            sch.vectorize(lane)
 
-        vectorize_last(write_back)
-        for pad in a_pads:
-            vectorize_last(pad)
-        if weight is not None:  # one codes word per output feeds the tile's K_BLOCK rows: k innermost
-            k_tile, *n_tile = sch.get_loops(weight.block_rv)[3:]  # under nc, mb, ko
-            n_vec, n_lane = sch.split(sch.fuse(*n_tile), factors=[None, lanes])
-            sch.reorder(n_vec, k_tile, n_lane)
-            sch.unroll(k_tile)
-            sch.vectorize(n_lane)
-        return sch
+def _plan(func: tirx.PrimFunc, target: Target) -> tuple | None:
+    """A schedule of ``func`` and the arguments of ``_single_row``/``_tiled``, or None if it is no such
+    matmul (see the module docstring for when the rule declines)."""
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    reductions = [i for i, b in enumerate(infos) if not b.is_injective()]
+    if len(reductions) != 1 or reductions[0] > 1 or infos[reductions[0]].dom_kind() != "SSR":
+        return None
+    weight = infos[0] if reductions[0] == 1 else None  # a quantized weight's dequantize
+    if weight is not None and not sch.get(weight.block_rv).name_hint.startswith(DEQUANTIZE):
+        return None
+    main = infos[reductions[0]]
+    m_extent, n_extent, k_extent = main.dom()
+    if not isinstance(n_extent, int) or not isinstance(k_extent, int):
+        return None
+    stmt = sch.get(main.block_rv)
+    _, n_var, k_var = (iv.var for iv in stmt.iter_vars)
+    if stmt.writes[0].source.dtype != "float32" or not _weight_is_k_by_n(stmt, k_var, n_var):
+        return None
+    unit = vector_unit(target)
+    blocking = _column_blocking(n_extent, _num_cores(target), unit)
+    if blocking is None:
+        return None
+    cols, n_chunk = blocking
+    k_block = next(f for f in (K_BLOCK, 4, 2, 1) if k_extent % f == 0)
+    epilogues = infos[reductions[0] + 1 :]
+    return sch, main, weight, epilogues, m_extent, cols, n_chunk, k_block, unit.lanes
+
+
+def _single_row(sch, main, weight, epilogues, _rows, cols, n_chunk, k_block, lanes) -> s_tir.Schedule:
+    """One token: ``W`` (dequantized in registers) streams once into a ``cols``-wide accumulator tile held
+    in a local array, which LLVM keeps in registers; the same k order as ``_tiled``, so the same bits."""
+    block = main.block_rv
+    if weight is not None:
+        sch.compute_inline(weight.block_rv)
+    acc = sch.cache_write(block, 0, "local")
+    for epilogue in reversed(epilogues):  # into the accumulator's write-out
+        sch.reverse_compute_inline(epilogue.block_rv)
+    m, n, k = sch.get_loops(block)
+    nc, nt, ni = sch.split(n, factors=[None, n_chunk // cols, cols])
+    ko, ki = sch.split(k, factors=[None, k_block])
+    sch.reorder(nc, m, nt, ko, ki, ni)
+    sch.parallel(nc)
+    ni_vec, ni_lane = sch.split(ni, factors=[None, lanes])
+    sch.unroll(ki)
+    sch.unroll(ni_vec)
+    sch.vectorize(ni_lane)
+    sch.reverse_compute_at(acc, nt, preserve_unit_loops=True)
+    sch.decompose_reduction(block, ko)
+    *_, c = sch.get_loops(acc)
+    c_vec, c_lane = sch.split(c, factors=[None, lanes])
+    sch.unroll(c_vec)
+    sch.vectorize(c_lane)
+    return sch
+
+
+def _tiled(sch, main, weight, epilogues, m_extent, cols, n_chunk, k_block, lanes) -> s_tir.Schedule:
+    """Row tiles of ``ROWS`` tokens sharing each ``K_BLOCK x n_chunk`` block of ``W`` (module docstring)."""
+    block = main.block_rv
+    # Row padding: A_pad (zero rows) feeds the kernel, C_pad -> C is the write-back.
+    if isinstance(m_extent, int) and m_extent % ROWS == 0:
+        a_pads = []
+        write_back = sch.cache_write(block, 0, "global")
+    else:
+        sch.pad_einsum(block, [ROWS, 1, 1])
+        a_pads = [p for p in sch.get_producers(block) if weight is None or not p.same_as(weight.block_rv)]
+        (write_back,) = sch.get_consumers(block)
+    # Elementwise epilogues fold into the write-back.
+    for epilogue in reversed(epilogues):
+        sch.reverse_compute_inline(epilogue.block_rv)
+
+    m, n, k = sch.get_loops(block)
+    mb, mo, mi = sch.split(m, factors=[None, M_BLOCK // ROWS, ROWS])
+    nc, nt, ni = sch.split(n, factors=[None, n_chunk // cols, cols])
+    ko, ki = sch.split(k, factors=[None, k_block])
+    sch.reorder(nc, mb, ko, mo, nt, ki, mi, ni)
+    sch.parallel(nc)
+    ni_vec, ni_lane = sch.split(ni, factors=[None, lanes])
+    sch.unroll(ki)
+    sch.unroll(mi)
+    sch.unroll(ni_vec)
+    sch.vectorize(ni_lane)
+    if weight is not None:  # dequantize the K_BLOCK x n_chunk tile of W once per row block, into L1
+        sch.compute_at(weight.block_rv, ko, preserve_unit_loops=True)
+        sch.set_scope(weight.block_rv, 0, "local")
+    sch.decompose_reduction(block, ko)  # zero the C_pad block before ko
+    sch.reverse_compute_at(write_back, nc, preserve_unit_loops=True)
+
+    def vectorize_last(blk):
+        *_, last = sch.get_loops(blk)
+        _, lane = sch.split(last, factors=[None, lanes])
+        sch.vectorize(lane)
+
+    vectorize_last(write_back)
+    for pad in a_pads:
+        vectorize_last(pad)
+    if weight is not None:  # one codes word per output feeds the tile's K_BLOCK rows: k innermost
+        k_tile, *n_tile = sch.get_loops(weight.block_rv)[3:]  # under nc, mb, ko
+        n_vec, n_lane = sch.split(sch.fuse(*n_tile), factors=[None, lanes])
+        sch.reorder(n_vec, k_tile, n_lane)
+        sch.unroll(k_tile)
+        sch.vectorize(n_lane)
+    return sch
 
 
 class Elementwise(ScheduleRule):

@@ -99,28 +99,38 @@ def _linear_vm(fmt, in_features: int, out_features: int, bias: bool):
     return vm, [name.split(".")[-1] for name, _ in params], kernels
 
 
-@pytest.mark.parametrize("name", SCHEMES + GGUF_TYPES)
+@pytest.mark.parametrize("name", [*SCHEMES, *GGUF_TYPES, "none"])
 @pytest.mark.parametrize(("in_features", "out_features"), [(128, 192), (96, 40)])
 def test_the_fused_kernel_matches_numpy(name, in_features, out_features):
     """One kernel per linear (dequantize fused into the matmul and its bias add), at decode, verify and
-    prefill row counts; 40 outputs is not a whole register tile, so TVM's default schedule takes it."""
-    fmt = FORMATS[name]
+    prefill row counts; 40 outputs is not a whole register tile, so TVM's default schedule takes it. A
+    token alone (its own loop nest) gets the very bits it gets inside a batch, which losslessness needs."""
+    fmt = FORMATS.get(name)
     w = _weights(out_features, in_features, seed=1)
-    if name in GGUF_TYPES:
-        q = gguf_blocks(gguf.quants.quantize(w, gguf.GGMLQuantizationType[name]), name, w.shape)
+    if fmt is None:
+        tensors, dequantized = {"weight": np.ascontiguousarray(w.T)}, w
     else:
-        q = quantize(w, fmt)
+        if name in GGUF_TYPES:
+            q = gguf_blocks(gguf.quants.quantize(w, gguf.GGMLQuantizationType[name]), name, w.shape)
+        else:
+            q = quantize(w, fmt)
+        tensors, dequantized = q.packed(), q.dequantize()
     bias = _weights(1, out_features, seed=2)[0]
-    tensors = {**q.packed(), "bias": bias}
     vm, names, kernels = _linear_vm(fmt, in_features, out_features, bias=True)
-    fused = [k for k in kernels if "dequantize" in k]
-    assert len(fused) == 1 and "matmul" in fused[0] and "add" in fused[0], kernels
-    args = [tvm.runtime.tensor(tensors[n]) for n in names]
+    if fmt is not None:
+        fused = [k for k in kernels if "dequantize" in k]
+        assert len(fused) == 1 and "matmul" in fused[0] and "add" in fused[0], kernels
+    args = [tvm.runtime.tensor({**tensors, "bias": bias}[n]) for n in names]
+    outputs = {}
     for rows in (1, 3, 16, 133):
         x = _weights(rows, in_features, seed=rows)
-        got = vm["forward"](tvm.runtime.tensor(x), args).numpy()
-        want = x.astype(np.float64) @ q.dequantize().T.astype(np.float64) + bias
+        outputs[rows] = got = vm["forward"](tvm.runtime.tensor(x), args).numpy()
+        want = x.astype(np.float64) @ dequantized.T.astype(np.float64) + bias
         np.testing.assert_allclose(got, want, rtol=KERNEL_RTOL, atol=KERNEL_RTOL * np.abs(want).max())
+    x = _weights(133, in_features, seed=133)
+    for row in (0, 5, 132):
+        alone = vm["forward"](tvm.runtime.tensor(x[row : row + 1]), args).numpy()
+        np.testing.assert_array_equal(alone[0], outputs[133][row])
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``bench grid|peers|roofline|profile|auto|published|resources``: the benchmarks, one subcommand each."""
+"""``bench grid|peers|roofline|profile|auto|published|memory|resources``: one subcommand per benchmark."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from .options import (
     drafts_option,
     gamma_option,
     group,
+    int_or_auto,
     json_option,
     measurement_options,
     one_line_errors,
@@ -84,7 +85,20 @@ def grid_cmd(artifact: Path, texts, threads, json_path, plot_path, **config) -> 
 @GRID_CELLS
 @measurement_options(new_tokens=128)
 @one_draft_option
-@budget_gamma_options
+@click.option(
+    "--budget",
+    callback=int_or_auto,
+    default="auto",
+    show_default=True,
+    help="Draft KV budget of MagicDec, or 'auto': the cost model picks per round.",
+)
+@click.option(
+    "--gamma",
+    callback=int_or_auto,
+    default="auto",
+    show_default=True,
+    help="Draft tokens per verification of MagicDec, or 'auto': the cost model picks per round.",
+)
 @click.option(
     "--peer-repeats",
     "slow_repeats",
@@ -169,6 +183,32 @@ def published_cmd(json_path) -> None:
     from ..interface.bench import compare_published
 
     compare_published(json_path=json_path)
+
+
+@bench.command("memory")
+@artifact_argument
+@click.option("--batch", type=int, default=8, show_default=True, help="Sequences decoded together.")
+@click.option("--context", type=int, default=8192, show_default=True, help="Tokens of a sequence at the end.")
+@click.option("--new-tokens", type=int, default=64, show_default=True, help="Tokens decoded per sequence.")
+@click.option("--flash-attn/--no-flash-attn", default=False, show_default=True, help="llama.cpp flash attn.")
+@texts_option
+@threads_option
+@json_option
+@one_line_errors
+def memory_cmd(artifact: Path, batch, context, new_tokens, flash_attn, texts, threads, json_path) -> None:
+    """Peak resident memory of a decoding batch, ours against llama.cpp, each in a fresh process."""
+    from ..interface.bench import measure_memory
+
+    measure_memory(
+        artifact,
+        batch,
+        context,
+        new_tokens,
+        texts=texts,
+        threads=threads,
+        flash_attn=flash_attn,
+        json_path=json_path,
+    )
 
 
 @bench.command("resources")

@@ -1,5 +1,5 @@
-"""``bench grid|peers|roofline|profile|auto|published|resources``: run one benchmark, print its tables, write
-its JSON.
+"""``bench grid|peers|roofline|profile|auto|published|memory|resources``: run one benchmark, print its
+tables, write its JSON.
 
 Every table is printed under a header naming the command, model, target, dtype and threads.
 """
@@ -9,7 +9,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..bench import auto_vs_fixed, magicdec, peers, profile, published, published_report, report, roofline
+from ..bench import (
+    auto_vs_fixed,
+    magicdec,
+    memory,
+    peers,
+    profile,
+    published,
+    published_report,
+    report,
+    roofline,
+)
 from ..errors import UserError
 from ..fileio import atomic_write_json
 from ..manifest import Manifest, ManifestError
@@ -188,6 +198,32 @@ def compare_published(*, json_path: Path | None = None) -> dict:
     if json_path:
         atomic_write_json(json_path, comparison)
     return comparison
+
+
+def measure_memory(
+    artifact: Path,
+    batch: int,
+    context: int,
+    new_tokens: int,
+    *,
+    texts: Sequence[Path] = (),
+    threads: int | None = None,
+    flash_attn: bool = False,
+    json_path: Path | None = None,
+) -> dict:
+    """Peak resident memory decoding ``batch`` x ``context``: ours and llama.cpp, each in a fresh process."""
+    engine, header = _engine(artifact, threads, json_path)
+    prompts = magicdec.prompts_for(engine, _texts(texts), context - new_tokens, batch)
+    source = Path(engine.artifact.config.source)
+    threads = engine.threads
+    del engine
+    progress(f"batch {batch} x {context}: ours, then llama.cpp, each in a fresh process")
+    rows = memory.measure(artifact, source, prompts, new_tokens, threads, flash_attn)
+    results.print(report.memory_table(rows, batch, context))
+    out = {"header": header, "batch": batch, "context": context, "rows": rows}
+    if json_path:
+        atomic_write_json(json_path, out)
+    return out
 
 
 def show_resources(artifact: Path, *, json_path: Path | None = None) -> dict:
