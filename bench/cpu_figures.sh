@@ -11,7 +11,8 @@ mkdir -p "$out"
 
 # Compile time, three times (the artifact records each step's seconds in mlc-magicdec-config.json).
 for i in 1 2 3; do
-  /usr/bin/time -f "compile %e s" mlc-magicdec compile smollm2 --target llvm -o "$art" --force 2>&1 | tail -1
+  /usr/bin/time -f "compile %e s" mlc-magicdec compile smollm2 --target llvm --quantization none -o "$art" \
+    --force 2>&1 | tail -1
 done | tee "$out/compile_time.txt"
 
 # Plain decoding against transformers (issue: foundation): batch 1 and 8 at a 4,096-token context.
@@ -39,9 +40,10 @@ for batch in 1 8; do
     --json "$out/profile_split_b$batch.json" | tee "$out/profile_split_b$batch.txt"
 done
 
-# Ours (plain and MagicDec) against transformers and llama.cpp (Q4_1 with F16 KV, F32 with F16 and F32 KV, flash
-# attention off and on, prompt lookup at batch 1): batch 1 and 8 x 1k, 4k, 8k contexts, 128 new tokens, medians
-# of 3 (1 for the slowest peers).
+# Ours (plain and MagicDec) against transformers and llama.cpp, flash attention off and on, prompt lookup at
+# batch 1: batch 1 and 8 x 1k, 4k, 8k contexts, 128 new tokens, medians of 3 (1 for the slowest peers). The
+# peers_b*_c*.txt files were measured when the llama.cpp runs also included F32 copies of the GGUF (F16 and F32
+# KV); today's runs compare with llama.cpp as shipped only.
 # One command per cell, so that each cell's table is written as soon as it is measured.
 for batch in 8 1; do
   for context in 8192 4096 1024; do
@@ -49,4 +51,20 @@ for batch in 8 1; do
       --peer-repeats 1 --draft snapkv --budget 256 --gamma 2 --threads "$threads" \
       --json "$out/peers_b${batch}_c${context}.json" | tee "$out/peers_b${batch}_c${context}.txt"
   done
+done
+
+# Issue #16: the GGUF's own Q4_1 blocks (--quantization gguf, the default for a quantized GGUF on the CPU) and
+# an fp16 KV cache, against llama.cpp as shipped (the same GGUF, its default F16 KV). Compile time three times.
+q4=${Q4_ARTIFACT:-$(mktemp -d)/smollm2-q4}
+for i in 1 2 3; do
+  /usr/bin/time -f "compile %e s" mlc-magicdec compile smollm2 --target llvm --kv-dtype float16 -o "$q4" \
+    --force 2>&1 | tail -1
+done | tee "$out/compile_time_quantized.txt"
+mlc-magicdec bench peers "$q4" --batch 1,8 --context 1024,4096,8192 --new-tokens 64 --repeats 3 \
+  --threads "$threads" --json "$out/quantized_peers.json" | tee "$out/quantized_peers.txt"
+mlc-magicdec bench memory "$q4" --batch 8 --context 8192 --threads "$threads" \
+  --json "$out/quantized_memory.json" | tee "$out/quantized_memory.txt"
+for batch in 1 8; do
+  mlc-magicdec bench profile "$q4" --batch "$batch" --context 1024,8192 --gamma 2 --threads "$threads" \
+    --json "$out/quantized_profile_b$batch.json" | tee "$out/quantized_profile_b$batch.txt"
 done

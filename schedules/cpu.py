@@ -19,11 +19,23 @@ Rules are small dlight ``ScheduleRule``s, tried in order on every fused TIR func
 
   ``W`` is read once per ``M_BLOCK`` rows (so once for decode), ``K_BLOCK`` rows at a time, each
   row as one contiguous run of ``n_chunk`` floats, so the hardware prefetcher streams it. The
-  ``K_BLOCK x n_chunk`` block of ``W`` stays in L1 while every row tile of the row block passes over
-  it, which makes the same nest compute-bound for large ``m``; the ``M_BLOCK x n_chunk`` block of
-  ``C_pad`` updated every ``K_BLOCK`` steps stays in L2. The accumulator tile lives in registers for
-  ``K_BLOCK`` steps (LLVM promotes the unrolled loads/stores of ``C_pad``), costing one load and one
-  store per ``K_BLOCK`` FMAs.
+  ``K_BLOCK x n_chunk`` block of ``W`` (dequantized there once, for a quantized weight) stays in L1
+  while every row tile of the row block passes over it, which makes the same nest compute-bound for
+  large ``m``; the ``M_BLOCK x n_chunk`` block of ``C_pad`` updated every ``K_BLOCK`` steps stays in L2.
+
+  One token (``m = 1``: batch-1 decode and draft) takes a nest of its own, chosen at run time, which
+  would otherwise compute ROWS - 1 zero rows::
+
+      parallel for nc in N / n_chunk:
+        for nt in n_chunk / cols:
+          acc[cols] = 0                                               (a local array: registers)
+          for ko, ki: acc += A[0, k] * dequantize(W[k, nt])           (W unpacked in registers)
+          C[0, nt] = epilogue(acc)
+
+  Every output sums its ``K`` products in the same order (k ascending, from zero) in both nests, so a
+  token computes the same bits alone as in a batch: speculative verification reproduces plain decoding.
+  (TVM gives every buffer access one alias class, so LLVM keeps only ``acc``, a local array, in
+  registers; the row-tiled nest loads and stores its ``C_pad`` tile around each FMA.)
 
   Tile constants: ``lanes`` fp32 lanes per vector register, from the target (``cpu_isa``: 16 on
   AVX-512, 8 on AVX2, 4 on NEON); ``ROWS`` rows per register tile (and the padding granularity of ``m``:

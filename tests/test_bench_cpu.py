@@ -12,7 +12,7 @@ from conftest import make_tiny_hf_model
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
 from gguf.quants import dequantize, quantize
 
-from mlc_magicdec.bench import gguf_convert, peers, profile, roofline
+from mlc_magicdec.bench import gguf_convert, memory, peers, profile, roofline
 from mlc_magicdec.compile.config import ModelConfig
 from mlc_magicdec.runtime.costmodel import ModelSpec
 from mlc_magicdec.runtime.engine import Engine
@@ -197,7 +197,31 @@ def test_cli_bench_grid_writes_the_grid_plan_calibrates_against(tiny_models, tmp
     assert {p["quantity"] for p in predictions} == {"T_AR", "T_D", "T_V", "speedup"}
 
 
-@pytest.mark.parametrize("mode", ["grid", "peers", "profile", "auto", "roofline"])
+def _touch(nbytes: int) -> int:
+    np.ones(nbytes // 8)  # written, so resident
+    return memory.peak_resident_bytes()
+
+
+def test_peak_resident_memory_counts_what_a_fresh_process_touched():
+    mib = 1 << 20
+    idle = memory._in_fresh_process(_touch, 0)
+    busy = memory._in_fresh_process(_touch, 256 * mib)
+    assert 250 * mib <= busy - idle <= 300 * mib
+
+
+def test_cli_bench_memory_measures_ours_in_its_own_process(tiny_models, tmp_path):
+    from test_errors import invoke
+
+    artifact, out = tiny_models("llama")[2], tmp_path / "memory.json"
+    cell = ("--batch", 2, "--context", 96, "--new-tokens", 8)
+    result = invoke("bench", "memory", artifact, *cell, "--json", out)
+    assert result.exit_code == 0, result.output
+    (ours,) = json.loads(out.read_text())["rows"]  # llama.cpp needs a GGUF source
+    assert ours["system"] == "ours" and ours["model_bytes"] == memory.folder_bytes(artifact)
+    assert ours["peak_resident_bytes"] > ours["model_bytes"]
+
+
+@pytest.mark.parametrize("mode", ["grid", "peers", "profile", "auto", "roofline", "memory"])
 def test_cli_bench_subcommands_refuse_a_missing_output_folder(tiny_models, tmp_path, mode):
     from test_errors import cli_error, invoke
 
