@@ -56,6 +56,7 @@ Rules are small dlight ``ScheduleRule``s, tried in order on every fused TIR func
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import tvm
 from tvm import s_tir, tirx
@@ -122,12 +123,12 @@ class Matmul(ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or (plan := _plan(func, target)) is None:
             return None
-        rows = plan[ROWS_ARG]
+        rows = plan.rows
         try:
             if isinstance(rows, int):  # a static number of rows
-                return (_single_row if rows == 1 else _tiled)(*plan)
-            single = _single_row(*_plan(func, target)).mod["main"]
-            tiled = _tiled(*plan).mod["main"]
+                return (_single_row if rows == 1 else _tiled)(plan)
+            single = _single_row(_plan(func, target)).mod["main"]  # a schedule of its own
+            tiled = _tiled(plan).mod["main"]
         except RuntimeError:  # ScheduleError and TVM's internal errors
             return None
         # one token (batch-1 decode and draft) takes its own nest; both sum over k in the same order
@@ -136,12 +137,23 @@ class Matmul(ScheduleRule):
         return s_tir.Schedule(tiled.with_body(root))
 
 
-ROWS_ARG = 4  # where ``_plan`` puts the number of rows (tokens) in its tuple
+class _Plan(NamedTuple):
+    """A schedule of one matmul function, its blocks, and the tile sizes for it."""
+
+    sch: s_tir.Schedule
+    main: object  # the matmul's SBlockInfo
+    weight: object | None  # a quantized weight's dequantize block
+    epilogues: list
+    rows: object  # m: an int or a symbolic expression
+    cols: int
+    n_chunk: int
+    k_block: int
+    lanes: int
 
 
-def _plan(func: tirx.PrimFunc, target: Target) -> tuple | None:
-    """A schedule of ``func`` and the arguments of ``_single_row``/``_tiled``, or None if it is no such
-    matmul (see the module docstring for when the rule declines)."""
+def _plan(func: tirx.PrimFunc, target: Target) -> _Plan | None:
+    """The plan of ``func``, or None if it is no such matmul (see the module docstring for when the rule
+    declines)."""
     sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
     if infos is None:
@@ -167,12 +179,13 @@ def _plan(func: tirx.PrimFunc, target: Target) -> tuple | None:
     cols, n_chunk = blocking
     k_block = next(f for f in (K_BLOCK, 4, 2, 1) if k_extent % f == 0)
     epilogues = infos[reductions[0] + 1 :]
-    return sch, main, weight, epilogues, m_extent, cols, n_chunk, k_block, unit.lanes
+    return _Plan(sch, main, weight, epilogues, m_extent, cols, n_chunk, k_block, unit.lanes)
 
 
-def _single_row(sch, main, weight, epilogues, _rows, cols, n_chunk, k_block, lanes) -> s_tir.Schedule:
+def _single_row(plan: _Plan) -> s_tir.Schedule:
     """One token: ``W`` (dequantized in registers) streams once into a ``cols``-wide accumulator tile held
     in a local array, which LLVM keeps in registers; the same k order as ``_tiled``, so the same bits."""
+    sch, main, weight, epilogues, _, cols, n_chunk, k_block, lanes = plan
     block = main.block_rv
     if weight is not None:
         sch.compute_inline(weight.block_rv)
@@ -197,8 +210,9 @@ def _single_row(sch, main, weight, epilogues, _rows, cols, n_chunk, k_block, lan
     return sch
 
 
-def _tiled(sch, main, weight, epilogues, m_extent, cols, n_chunk, k_block, lanes) -> s_tir.Schedule:
+def _tiled(plan: _Plan) -> s_tir.Schedule:
     """Row tiles of ``ROWS`` tokens sharing each ``K_BLOCK x n_chunk`` block of ``W`` (module docstring)."""
+    sch, main, weight, epilogues, m_extent, cols, n_chunk, k_block, lanes = plan
     block = main.block_rv
     # Row padding: A_pad (zero rows) feeds the kernel, C_pad -> C is the write-back.
     if isinstance(m_extent, int) and m_extent % ROWS == 0:
