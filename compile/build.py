@@ -203,7 +203,7 @@ def compile_model(
                 contextlib.redirect_stdout(io.StringIO()),
             ):
                 tvmjs.dump_tensor_cache(
-                    convert(cfg, loaded.weights, names, dtype, formats),
+                    convert(cfg, loaded.weights, names, dtype, formats, preset.linears_out_in),
                     str(tmp),
                     encode_format="raw",
                     shard_cap_mb=WEIGHT_SHARD_MB,

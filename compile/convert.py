@@ -1,5 +1,5 @@
-"""Hugging Face weights to this project's parameter layout: fused qkv and gate/up, ``[in, out]`` linears,
-float or group-quantized (``quantization``)."""
+"""Hugging Face weights to this project's parameter layout: fused qkv and gate/up, float linears ``[in, out]``
+(or ``[out, in]``, as Hugging Face stores them, for GPU targets) or group-quantized (``quantization``)."""
 
 from __future__ import annotations
 
@@ -82,9 +82,11 @@ def convert(
     names: list[str],
     dtype: str,
     formats: Mapping[str, GroupFormat] | None = None,
+    out_in: bool = False,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(name, array)`` for each of the model's parameter ``names``, converted one linear at a time;
-    the linears in ``formats`` as their quantized tensors (``codes``, ``scale``, ``min``)."""
+    the linears in ``formats`` as their quantized tensors (``codes``, ``scale``, ``min``), the others as
+    float ``[in, out]`` (``[out, in]`` with ``out_in``)."""
     formats = formats or {}
     makers: dict[str, Callable] = {
         "embed_tokens.weight": lambda: hf["model.embed_tokens.weight"],
@@ -95,7 +97,8 @@ def convert(
     packed: dict[str, dict[str, np.ndarray]] = {}  # the linear being written: its quantized tensors
     for linear, parts in linear_sources(cfg).items():
         if linear not in formats:
-            makers[linear + ".weight"] = lambda parts=parts: np.concatenate([hf[p] for p in parts], axis=0).T
+            stacked = lambda parts=parts: np.concatenate([hf[p] for p in parts], axis=0)  # noqa: E731
+            makers[linear + ".weight"] = stacked if out_in else lambda stacked=stacked: stacked().T
             continue
         fmt = formats[linear]
         for tensor in fmt.tensors:

@@ -1,7 +1,8 @@
 """One Llama-family model (Llama, Qwen2, Mistral) in ``tvm.relax.frontend.nn`` on the project's paged KV pool.
 
-The families differ only by ``ModelConfig`` (qkv bias, tied embeddings, RoPE scaling). Linear weights are
-stored ``[in_features, out_features]`` so that CPU matmuls read them without a transpose.
+The families differ only by ``ModelConfig`` (qkv bias, tied embeddings, RoPE scaling). Float linear weights
+are stored ``[in_features, out_features]`` on CPUs, which read them without a transpose, and
+``[out_features, in_features]`` on GPUs (``targets.linears_out_in``).
 
 Exported functions (all take the token embeddings of a ragged batch, ``n`` tokens over ``batch`` rows):
 
@@ -32,6 +33,7 @@ from tvm.target import Target
 from .attention import PAGE_SIZE, AttentionBatch, SparseView, append_kv, attention, attention_scores
 from .config import ModelConfig
 from .quantization import GroupFormat, dequantize
+from .targets import linears_out_in
 
 Formats = Mapping[str, GroupFormat]  # linear name ("layers.0.mlp.down_proj", "lm_head") -> its format
 
@@ -79,14 +81,22 @@ def apply_rope(qkv: Tensor, positions: Tensor, inv_freq: Tensor, num_rotated_hea
 
 
 class Linear(nn.Module):
-    """``y = x @ W + b`` with ``W`` ``[in_features, out_features]``: a float ``weight``, or with ``fmt`` the
-    group-quantized ``codes``, ``scale`` (and ``min``) that the matmul dequantizes as it reads them."""
+    """``y = x @ W + b``: a float ``weight`` (``[in_features, out_features]``, or ``[out, in]`` with
+    ``out_in``), or with ``fmt`` the group-quantized ``codes``, ``scale`` (and ``min``) of ``W`` that the
+    matmul dequantizes as it reads them."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = False, fmt: GroupFormat | None = None
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        fmt: GroupFormat | None = None,
+        out_in: bool = False,
     ):
-        self.fmt = fmt
-        if fmt is None:
+        self.fmt, self.out_in = fmt, out_in and fmt is None
+        if self.out_in:
+            self.weight = nn.Parameter((out_features, in_features))
+        elif fmt is None:
             self.weight = nn.Parameter((in_features, out_features))
         else:
             for name, (shape, dtype) in fmt.param_shapes(in_features, out_features).items():
@@ -100,7 +110,9 @@ class Linear(nn.Module):
                 param.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fmt is None:
+        if self.out_in:
+            w = op.permute_dims(self.weight)  # fused into the matmul: one kernel reading W along its rows
+        elif self.fmt is None:
             w = self.weight
         else:
             w = dequantize(self.codes, self.scale, getattr(self, "min", None), self.fmt, x.dtype)
@@ -108,14 +120,22 @@ class Linear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+class Linears:
+    """Makes the model's linears by name: each in its format (``formats``) or float in the target's layout."""
+
+    def __init__(self, formats: Formats, out_in: bool):
+        self.formats, self.out_in = formats, out_in
+
+    def __call__(self, name: str, in_features: int, out_features: int, bias: bool = False) -> Linear:
+        return Linear(in_features, out_features, bias, self.formats.get(name), self.out_in)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, prefix: str, formats: Formats):
+    def __init__(self, cfg: ModelConfig, prefix: str, linear: Linears):
         self.cfg = cfg
         qkv_width = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, qkv_width, cfg.qkv_bias, formats.get(prefix + "qkv_proj"))
-        self.o_proj = Linear(
-            cfg.num_heads * cfg.head_dim, cfg.hidden_size, fmt=formats.get(prefix + "o_proj")
-        )
+        self.qkv_proj = linear(prefix + "qkv_proj", cfg.hidden_size, qkv_width, cfg.qkv_bias)
+        self.o_proj = linear(prefix + "o_proj", cfg.num_heads * cfg.head_dim, cfg.hidden_size)
 
     def forward(self, x, pool, batch: AttentionBatch, inv_freq, layer: int, target: Target, scores=None):
         c = self.cfg
@@ -133,12 +153,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, prefix: str, formats: Formats):
+    def __init__(self, cfg: ModelConfig, prefix: str, linear: Linears):
         self.inter = cfg.intermediate_size
-        self.gate_up_proj = Linear(
-            cfg.hidden_size, 2 * cfg.intermediate_size, fmt=formats.get(prefix + "gate_up_proj")
-        )
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, fmt=formats.get(prefix + "down_proj"))
+        self.gate_up_proj = linear(prefix + "gate_up_proj", cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down_proj = linear(prefix + "down_proj", cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
@@ -146,9 +164,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, prefix: str, formats: Formats):
-        self.self_attn = Attention(cfg, prefix + "self_attn.", formats)
-        self.mlp = MLP(cfg, prefix + "mlp.", formats)
+    def __init__(self, cfg: ModelConfig, prefix: str, linear: Linears):
+        self.self_attn = Attention(cfg, prefix + "self_attn.", linear)
+        self.mlp = MLP(cfg, prefix + "mlp.", linear)
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
 
@@ -171,13 +189,13 @@ class LlamaModel(nn.Module):
         formats: Formats | None = None,
     ):
         self.cfg, self.target, self.dtype, self.kv_dtype = cfg, target, dtype, kv_dtype or dtype
-        formats = formats or {}
+        linear = Linears(formats or {}, linears_out_in(target))
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            [DecoderLayer(cfg, f"layers.{i}.", formats) for i in range(cfg.num_layers)]
+            [DecoderLayer(cfg, f"layers.{i}.", linear) for i in range(cfg.num_layers)]
         )
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, fmt=formats.get("lm_head"))
+        self.lm_head = linear("lm_head", cfg.hidden_size, cfg.vocab_size)
 
     def _hidden(self, embeds: Tensor, pool: Tensor, batch: AttentionBatch, scores: list | None = None):
         inv_freq = Tensor.from_const(rope_inv_freq(self.cfg))

@@ -20,6 +20,7 @@ import tvm_ffi
 from tvm.target import Target
 
 from ..errors import UserError
+from ..schedules.gpu_attention import CUDA_STATIC_SHARED
 from .cuda import import_tree
 
 KERNEL_TABLE_NAME = "opencl-kernels.json"
@@ -31,7 +32,7 @@ OPENCL_MODULE = "opencl"  # the kind of the library's imported module that holds
 CODEGEN_ATTRS = {
     "kind": "opencl",
     "max_threads_per_block": 1024,
-    "max_shared_memory_per_block": 49152,
+    "max_shared_memory_per_block": CUDA_STATIC_SHARED,
     "thread_warp_size": 1,
 }
 

@@ -15,6 +15,7 @@ from tvm.target import Target
 
 from ..constants import GPU_TARGETS
 from ..errors import TargetError
+from ..schedules.gpu_attention import CUDA_STATIC_SHARED
 
 POCL = "pocl"
 TARGETS = ("llvm", *GPU_TARGETS, POCL)
@@ -49,6 +50,13 @@ VULKAN_MISSING = (
 )
 
 
+def linears_out_in(target: Target) -> bool:
+    """Whether float linear weights are stored ``[out, in]`` for ``target``: on GPUs, as MLC-LLM does, so that
+    dlight's low-batch GEMV reduces along each weight row (its inner-reduction path, complete for float and
+    quantized weights); on CPUs ``[in, out]``, which the CPU matmul reads without a transpose."""
+    return target.kind.name in GPU_TARGETS
+
+
 @dataclasses.dataclass(frozen=True)
 class TargetPreset:
     """A resolved target: the TVM target, the runtime device string and the default dtype."""
@@ -64,6 +72,11 @@ class TargetPreset:
     def schedules(self) -> str:
         """The target kind whose schedules the kernels get (``cuda`` for ``pocl``)."""
         return self.target.kind.name
+
+    @property
+    def linears_out_in(self) -> bool:
+        """Whether float linear weights are stored ``[out, in]`` here (see ``linears_out_in``)."""
+        return linears_out_in(self.target)
 
     def describe(self) -> dict:
         info = {"kind": self.kind, "target": str(self.target), "device": self.device}
@@ -103,8 +116,7 @@ def resolve(
         archs = parse_archs(arch) if arch is not None else (detect_cuda_arch() or DEFAULT_CUDA_ARCH,)
         # Codegen targets the oldest arch, so that every kernel is valid on each card of the fatbin.
         oldest = min(archs, key=_arch_number)
-        target = Target({"kind": "cuda", "arch": oldest}, host=_gpu_host())
-        return TargetPreset("cuda", target, "cuda:0", GPU_DTYPE, archs)
+        return TargetPreset("cuda", cuda_target(oldest), "cuda:0", GPU_DTYPE, archs)
     if kind == "metal":
         return TargetPreset("metal", Target(METAL_ATTRS, host=METAL_HOST), "metal:0", GPU_DTYPE)
     if kind == "vulkan":
@@ -114,9 +126,15 @@ def resolve(
     if kind == POCL:
         from .opencl import codegen_target
 
-        target = Target({"kind": "cuda", "arch": DEFAULT_CUDA_ARCH}, host=_gpu_host())
+        target = cuda_target(DEFAULT_CUDA_ARCH)
         return TargetPreset(POCL, target, "opencl:0", "float32", codegen=codegen_target(target.host))
     raise TargetError(f"unknown target {kind!r}; choose one of: {', '.join(TARGETS)}")
+
+
+def cuda_target(arch: str) -> Target:
+    """The CUDA target for ``arch``, with the static shared memory every CUDA kernel of TVM's may use."""
+    attrs = {"kind": "cuda", "arch": arch, "max_shared_memory_per_block": CUDA_STATIC_SHARED}
+    return Target(attrs, host=_gpu_host())
 
 
 def _arch_number(arch: str) -> int:

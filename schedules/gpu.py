@@ -6,23 +6,27 @@ Rules are TVM dlight ``ScheduleRule``s, tried in order on every fused TIR functi
   rows, are cloned for it (``specialize_prefill``) and scheduled as shared-memory tiled GEMMs: dlight's
   generic ``gpu.Matmul`` schedule without its tensor-core path, which segfaults in ``Tensorize`` for sm_89
   and Metal in TVM 0.27 (and without vector loads off CUDA, which Metal's storage rewrite rejects).
-- ``LowBatchGEMV``: every other matmul. Weights are stored ``[in, out]`` (``out`` contiguous), which
-  dlight handles as an *outer* reduction: threads of a warp own adjacent output columns and read each weight
-  row as one coalesced run, while the reduction over ``in`` is split across threads and merged in shared
-  memory. The symbolic token count ``n`` is padded to a bucket of ``GEMV_BUCKET`` rows that share every weight
-  read, so one kernel serves decode and draft (``n`` = batch, a GEMV) and verify (``n`` = batch x (gamma+1),
-  a small-M GEMM reading the weights ``n / GEMV_BUCKET`` times).
+- ``LowBatchGEMV``: every other matmul. Float weights are stored ``[out, in]`` on GPUs
+  (``compile.targets.linears_out_in``), as MLC-LLM stores them, so dlight takes its *inner*-reduction path:
+  each output's dot product is split across a block's threads, which read its weight row in coalesced runs,
+  and merged across them. (Its outer-reduction path, for ``[in, out]`` weights, schedules only part of a
+  float matmul and leaves the rest as host code; ``check_bindings`` catches that.) The symbolic token count
+  ``n`` is padded to a bucket of ``GEMV_BUCKET`` rows that share every weight read, so one kernel serves
+  decode and draft (``n`` = batch, a GEMV) and verify (``n`` = batch x (gamma+1), a small-M GEMM reading
+  the weights ``n / GEMV_BUCKET`` times).
 - ``Reduction``, ``GeneralReduction``: RMSNorm and row reductions, one block per row (dlight's ``RMSNorm``
   rule fails on a 2-D norm with a symbolic row count in TVM 0.27).
 - ``Transpose``, then ``Fallback``: everything else (RoPE, SiLU, embedding gather, casts) is elementwise and
   gets bound to blocks and threads.
 
-The attention kernels (``gpu_attention``) arrive already scheduled. TVM 0.27 silently compiles a kernel
+The attention kernels (``gpu_attention``) arrive already scheduled. TVM 0.27 silently compiles a block
 that no rule scheduled as *host* code, so ``check_bindings`` runs right after scheduling and the build
-driver fails (``raise_for_unbound``), naming every kernel without a thread binding.
+driver fails (``raise_for_unbound``), naming every kernel with a block outside thread bindings.
 """
 
 from __future__ import annotations
+
+import re
 
 import tvm
 from tvm import relax, tirx
@@ -32,9 +36,10 @@ from tvm.target import Target
 
 from ..errors import UserError
 
-BINDING_MARKERS = ("T.thread_binding(", "T.launch_thread(", "T.env_thread(")
+LAUNCH_MARKERS = ("T.launch_thread(", "T.env_thread(")
+BLOCK = re.compile(r'with T\.sblock\("([^"]*)"')
 UNBOUND_ATTR = "mlc_magicdec.unbound_kernels"
-GEMV_BUCKET = 4  # rows of the token axis that share each weight read (dlight's outer-reduction GEMV limit)
+GEMV_BUCKET = 4  # rows of the token axis that share each weight read
 PREFILL = "prefill"  # the entry point whose matmuls get TiledMatmul
 GENERIC_GEMM_TARGET = Target({"kind": "cuda", "arch": "sm_60"})  # selects dlight's untensorized GEMM
 CUDA_VECTOR = 2  # elements per vector load of the GEMM's shared-memory copies on CUDA (off CUDA: 1)
@@ -161,22 +166,37 @@ def rules() -> list[ScheduleRule]:
     ]
 
 
-def has_thread_binding(func: tirx.PrimFunc) -> bool:
-    """Whether ``func`` binds a loop to ``blockIdx``/``threadIdx`` (or already launches GPU threads).
+def unbound_blocks(func: tirx.PrimFunc) -> list[str]:
+    """The blocks of ``func`` that no ``blockIdx``/``threadIdx`` loop encloses: they would run as host code.
 
-    TVM 0.27 exposes no TIR visitor to Python, so this reads the function's TVMScript.
+    A rule can return a schedule that binds only part of a function (dlight's ``LowBatchGEMV`` does, for an
+    outer reduction over float weights), so every block is checked, not just the function. TVM 0.27 exposes
+    no TIR visitor to Python, so this reads the function's TVMScript, whose indentation is its nesting.
     """
     text = func.script()
-    return any(marker in text for marker in BINDING_MARKERS)
+    if any(marker in text for marker in LAUNCH_MARKERS):  # already lowered to launched threads
+        return []
+    unbound, scopes = [], []  # scopes: (indent, binds threads) of the statements enclosing this line
+    for line in text.splitlines():
+        body = line.lstrip()
+        indent = len(line) - len(body)
+        while scopes and scopes[-1][0] >= indent:
+            scopes.pop()
+        block = BLOCK.match(body)
+        if block and block.group(1) != "root" and not any(binds for _, binds in scopes):
+            unbound.append(block.group(1))
+        scopes.append((indent, "T.thread_binding(" in body))
+    return unbound
 
 
 def unbound_kernels(mod: tvm.ir.IRModule) -> list[str]:
-    """Names of the module's TIR functions (all device kernels at this stage) without a thread binding."""
-    return sorted(
-        gv.name_hint
-        for gv, func in mod.functions.items()
-        if isinstance(func, tirx.PrimFunc) and not has_thread_binding(func)
-    )
+    """``kernel (blocks)`` for each TIR function of the module (all device kernels at this stage) with a
+    block outside thread bindings."""
+    found = []
+    for gv, func in mod.functions.items():
+        if isinstance(func, tirx.PrimFunc) and (blocks := unbound_blocks(func)):
+            found.append(f"{gv.name_hint} ({', '.join(dict.fromkeys(blocks))})")
+    return sorted(found)
 
 
 @tvm.transform.module_pass(opt_level=0, name="CheckThreadBindings")
@@ -195,7 +215,7 @@ def raise_for_unbound(mod: tvm.ir.IRModule) -> None:
     missing = list(mod.attrs[UNBOUND_ATTR]) if mod.attrs and UNBOUND_ATTR in mod.attrs else []
     if missing:
         raise UnboundKernelError(
-            f"{len(missing)} GPU kernel(s) have no thread bindings and would run as host code: "
+            f"{len(missing)} GPU kernel(s) have blocks without thread bindings that would run as host code: "
             f"{', '.join(missing)}; add a schedule rule for them in schedules/gpu.py"
         )
 
@@ -211,6 +231,7 @@ def pipeline(target: Target, kernel_prefix: str = "") -> tvm.transform.Pass:
             seq = tvm.transform.Sequential(
                 gpu.library_dispatch_passes(target)
                 + [
+                    relax.transform.FuseTransposeMatmul(),  # x @ W.T as one NT matmul ([out, in] weights)
                     relax.transform.LegalizeOps(),
                     relax.transform.AnnotateTIROpPattern(),
                     relax.transform.FoldConstant(),

@@ -114,6 +114,6 @@ def test_speculative_decoding_on_pocl_is_lossless(pocl_models, draft):
     plain = [r.token_ids for r in llvm.generate(prompts, max_new_tokens=10, stop_at_eos=False)]
     for gamma in (1, 3):
         runs = pocl.generate(
-            prompts, max_new_tokens=10, stop_at_eos=False, speculate=True, draft=draft, budget=32, gamma=gamma
+            prompts, max_new_tokens=10, stop_at_eos=False, speculate=True, draft=draft, budget=48, gamma=gamma
         )
         assert [r.token_ids for r in runs] == plain
