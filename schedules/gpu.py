@@ -26,6 +26,7 @@ driver fails (``raise_for_unbound``), naming every kernel with a block outside t
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import tvm
@@ -42,6 +43,9 @@ UNBOUND_ATTR = "mlc_magicdec.unbound_kernels"
 GEMV_BUCKET = 4  # rows of the token axis that share each weight read
 PREFILL = "prefill"  # the entry point whose matmuls get TiledMatmul
 GENERIC_GEMM_TARGET = Target({"kind": "cuda", "arch": "sm_60"})  # selects dlight's untensorized GEMM
+# PoCL names each kernel's cache folder after the kernel, and a file name holds at most 255 bytes
+MAX_KERNEL_NAME = 96
+NAME_HASH = 8  # hex digits of the hash that tells shortened names apart
 CUDA_VECTOR = 2  # elements per vector load of the GEMM's shared-memory copies on CUDA (off CUDA: 1)
 
 
@@ -129,8 +133,19 @@ def specialize_prefill(target: Target) -> tvm.transform.Pass:
     return _specialize
 
 
+def prefixed_name(prefix: str, name: str) -> str:
+    """``<prefix><name>``, with a long fused name (a concatenation of 30 layers' scores fuses 30
+    ``expand_dims``) cut to ``MAX_KERNEL_NAME`` characters and told apart by a hash of the whole name."""
+    full = prefix + name
+    if len(full) <= MAX_KERNEL_NAME:
+        return full
+    digest = hashlib.sha256(full.encode()).hexdigest()[:NAME_HASH]
+    return f"{full[: MAX_KERNEL_NAME - NAME_HASH - 1]}_{digest}"
+
+
 def prefix_kernels(prefix: str) -> tvm.transform.Pass:
-    """Rename every TIR kernel to ``<prefix><name>`` and point the Relax functions at the new names.
+    """Rename every TIR kernel to ``prefixed_name(prefix, name)`` and point the Relax functions at the new
+    names.
 
     A library whose kernels run through ``runtime.opencl`` finds them by name in one process-wide registry;
     a prefix unique to the artifact keeps two artifacts' same-named kernels apart.
@@ -141,7 +156,7 @@ def prefix_kernels(prefix: str) -> tvm.transform.Pass:
         redirect = _Redirect(mod)
         kernels = [gv for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)]
         for gv in kernels:
-            name = prefix + gv.name_hint
+            name = prefixed_name(prefix, gv.name_hint)
             func = mod[gv].with_attr("global_symbol", name)  # unlike the original, so never deduplicated
             redirect.mapping[gv.name_hint] = redirect.builder_.add_func(func, name)
         for gv, func in mod.functions.items():

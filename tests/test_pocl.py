@@ -23,6 +23,7 @@ from mlc_magicdec.manifest import CONFIG_NAME
 from mlc_magicdec.runtime import opencl
 from mlc_magicdec.runtime.artifact import ArtifactError
 from mlc_magicdec.runtime.engine import Engine
+from mlc_magicdec.schedules.gpu import MAX_KERNEL_NAME, prefixed_name
 
 POCL_MISSING = opencl.available()
 needs_pocl = pytest.mark.skipif(POCL_MISSING is not None, reason=f"PoCL cannot run here: {POCL_MISSING}")
@@ -117,3 +118,12 @@ def test_speculative_decoding_on_pocl_is_lossless(pocl_models, draft):
             prompts, max_new_tokens=10, stop_at_eos=False, speculate=True, draft=draft, budget=48, gamma=gamma
         )
         assert [r.token_ids for r in runs] == plain
+
+
+def test_long_kernel_names_are_cut_and_kept_apart():
+    """PoCL keeps a kernel's cache in a folder named after it: SmolLM2's 30 fused ``expand_dims`` made a name
+    too long for a file name, and that kernel failed to link."""
+    long_a, long_b = "fused_" + "expand_dims_" * 30 + "a", "fused_" + "expand_dims_" * 30 + "b"
+    names = {prefixed_name("k0123abcd_", n) for n in (long_a, long_b, "rms_norm")}
+    assert "k0123abcd_rms_norm" in names and len(names) == 3
+    assert all(len(n) <= MAX_KERNEL_NAME and PREFIX.match(n) for n in names)
