@@ -124,11 +124,20 @@ def _pointer(value):
 
 def register(table_path: Path) -> None:
     """Make the kernels of ``table_path`` runnable: the OpenCL device API and one launcher per kernel."""
+    register_table(json.loads(Path(table_path).read_text()))
+
+
+def register_table(table: dict) -> None:
+    """``register`` for a kernel table in memory (as ``compile.opencl.recording_kernels`` yields it)."""
     _queue()
-    table = json.loads(Path(table_path).read_text())
-    tvm_ffi.register_global_func(
-        "device_api.opencl", tvm_ffi.get_global_func("device_api.cpu"), override=True
-    )
+    register_device()
     for name, k in table["kernels"].items():
         kernel = Kernel(name, table["programs"][k["program"]], k["params"], k["launch"])
         tvm_ffi.register_global_func(name, kernel, override=True)
+
+
+def register_device() -> None:
+    """Make ``tvm.opencl(0)`` the CPU's device: its tensors are host memory, which PoCL's CPU device reads."""
+    tvm_ffi.register_global_func(
+        "device_api.opencl", tvm_ffi.get_global_func("device_api.cpu"), override=True
+    )

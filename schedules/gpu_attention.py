@@ -17,6 +17,17 @@ against consecutive keys reads consecutive shared-memory words (no bank conflict
 statistics stay in shared memory, sized for the largest tile (``QUERY_TILE`` tokens); the query heads of a GQA
 group are split over blocks when a whole group does not fit the target's shared memory per block (Metal and
 Vulkan: 32 KB).
+
+Long keys at a small batch (flash-decoding): when the (tile, KV head, head group) blocks are fewer than
+``TARGET_BLOCKS`` (a decode of batch 1 has one per KV head), each one's keys are also split into ranges of
+at least ``MIN_SPLIT_KEYS`` keys, one block each. The number of ranges is decided at run time from the
+number of tiles and the page table's width (``split_count``); each range's block writes its rows' partial
+output (not yet divided by the sum), running max and sum to a global scratch buffer (a workspace of
+``blocks x ranges x rows x (head_dim + 2)`` floats, allocated only when splitting), and a second kernel of the
+same function merges every row's ranges (each rescaled by ``exp2(max_range - max)``). With one range the
+block writes its output directly, as without the split. The page table is as wide as the longest sequence, so
+the dense view's ranges cover its keys evenly; a sparse view's few keys fill its first ranges of
+``MIN_SPLIT_KEYS`` and leave the others empty (blocks that only write an empty partial).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from tvm.ir import Expr
 from tvm.script import tirx as T
 from tvm.target import Target
 
@@ -37,6 +49,15 @@ CUDA_STATIC_SHARED = 48 * 1024  # bytes of static shared memory per block on eve
 ROW_STATS = 4  # per-row shared values: max, sum, rescale factor, position
 MASKED = -1.0e38  # scores below this are masked keys: their probability is exactly 0
 INT_MAX = 2147483647
+SM_COUNT = 128  # streaming multiprocessors of an RTX 4090, the largest GPU the split is sized for
+TARGET_BLOCKS = 2 * SM_COUNT  # attention blocks wanted in one launch (two per SM) before splitting stops
+MIN_SPLIT_KEYS = 128  # fewest keys in one range of a split (at 8k keys: at most 64 ranges)
+
+
+def split_count(blocks: int | Expr, max_keys: int | Expr) -> Expr:
+    """Key ranges per attention block: about ``TARGET_BLOCKS`` blocks in all, no range shorter than
+    ``MIN_SPLIT_KEYS`` of the ``max_keys`` a row can see, and at least 1."""
+    return T.max(1, T.min(TARGET_BLOCKS // blocks, max_keys // MIN_SPLIT_KEYS))
 
 
 def shared_bytes(heads: int, key_block: int, head_dim: int, dtype: str, kv_dtype: str) -> int:
@@ -118,6 +139,7 @@ def paged_attention(
     HB, KB = block_shape(G, D, dtype, kv_dtype, shared_limit)  # query heads per block, keys per step
     SPLIT = G // HB  # blocks per (tile, KV head)
     MR = QUERY_TILE * HB  # most rows (token, head) of one block
+    MIN_RANGE = T.ceildiv(MIN_SPLIT_KEYS, KB)  # fewest key blocks in one range of a split
     scale = LOG2E / math.sqrt(D)
 
     def load_or_zero(buf, b):
@@ -134,7 +156,15 @@ def paged_attention(
         q, pool, page_table, token_seq, token_pos, query_tiles, out, layer,
         static_pos, static_len, window_start, num_tiles,
     ):  # fmt: skip
-        for bx in T.thread_binding(num_tiles * Hkv * SPLIT, thread="blockIdx.x"):
+        groups: T.let[T.int32] = num_tiles * Hkv * SPLIT  # blocks of (tile, KV head, head group)
+        # A row's keys are at most the page table's positions (the sparse view's too: its static positions
+        # lie before its window).
+        splits: T.let[T.int32] = split_count(groups, page_table.shape[1] * P)
+        # Partial results of a split, by (block, row): the output not yet divided by the sum, [max, sum].
+        scratch: T.let[T.int32] = T.Select(splits > 1, groups * splits * MR, 1)
+        part_acc = T.alloc_buffer((scratch, D), "float32")
+        part_stat = T.alloc_buffer((scratch, 2), "float32")
+        for bx in T.thread_binding(groups * splits, thread="blockIdx.x"):
             for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                 with T.sblock("attn"):
                     T.reads()
@@ -153,15 +183,21 @@ def paged_attention(
                     kslot = T.sblock_alloc_buffer((KB,), "int32", scope="shared")
                     dot = T.sblock_alloc_buffer((1,), "float32", scope="local")
                     stat = T.sblock_alloc_buffer((2,), "float32", scope="local")  # a row's new max, block sum
-                    tile: T.let[T.int32] = bx // (Hkv * SPLIT)
-                    kh: T.let[T.int32] = bx // SPLIT % Hkv
-                    h0: T.let[T.int32] = kh * G + bx % SPLIT * HB  # first query head of this block
+                    group: T.let[T.int32] = bx // splits
+                    tile: T.let[T.int32] = group // (Hkv * SPLIT)
+                    kh: T.let[T.int32] = group // SPLIT % Hkv
+                    h0: T.let[T.int32] = kh * G + group % SPLIT * HB  # first query head of this block
                     r0: T.let[T.int32] = query_tiles[tile, 0]
                     rows: T.let[T.int32] = (query_tiles[tile, 1] - r0) * HB
                     b: T.let[T.int32] = token_seq[r0]
                     n_static: T.let[T.int32] = load_or_zero(static_len, b)
                     w0: T.let[T.int32] = load_or_zero(window_start, b)
                     n_keys: T.let[T.int32] = n_static + token_pos[query_tiles[tile, 1] - 1] - w0 + 1
+                    n_blocks: T.let[T.int32] = T.ceildiv(n_keys, KB)
+                    # This block's range of key blocks (all of them without a split; maybe none at the end).
+                    range_blocks: T.let[T.int32] = T.max(T.ceildiv(n_blocks, splits), MIN_RANGE)
+                    blk_lo: T.let[T.int32] = bx % splits * range_blocks
+                    blk_hi: T.let[T.int32] = T.min(n_blocks, blk_lo + range_blocks)
                     # Row m is token r0 + m // HB, query head h0 + m % HB.
                     for it in T.serial(T.ceildiv(rows * D, THREADS)):
                         if it * THREADS + tx < rows * D:
@@ -175,7 +211,8 @@ def paged_attention(
                             row_sum[_item(it, tx)] = T.float32(0)
                             row_pos[_item(it, tx)] = token_pos[r0 + _item(it, tx) // HB]
                     T.tvm_storage_sync("shared")
-                    for blk in T.serial(T.ceildiv(n_keys, KB)):
+                    for bi in T.serial(T.max(blk_hi - blk_lo, 0)):
+                        blk: T.let[T.int32] = blk_lo + bi
                         # 1. positions and slots of the block's keys (past the end: the last key, masked)
                         if tx < KB:
                             idx: T.let[T.int32] = T.min(blk * KB + tx, n_keys - 1)
@@ -252,14 +289,60 @@ def paged_attention(
                                     )
                                 acc[_item(it, tx) // D, _item(it, tx) % D] = dot[0]
                         T.tvm_storage_sync("shared")
-                    for it in T.serial(T.ceildiv(rows * D, THREADS)):
-                        if it * THREADS + tx < rows * D:
-                            out[
-                                r0 + _item(it, tx) // D // HB, h0 + _item(it, tx) // D % HB, _item(it, tx) % D
-                            ] = T.Cast(
-                                dtype,
-                                acc[_item(it, tx) // D, _item(it, tx) % D] / row_sum[_item(it, tx) // D],
-                            )
+                    if splits == 1:
+                        for it in T.serial(T.ceildiv(rows * D, THREADS)):
+                            if it * THREADS + tx < rows * D:
+                                out[
+                                    r0 + _item(it, tx) // D // HB,
+                                    h0 + _item(it, tx) // D % HB,
+                                    _item(it, tx) % D,
+                                ] = T.Cast(
+                                    dtype,
+                                    acc[_item(it, tx) // D, _item(it, tx) % D] / row_sum[_item(it, tx) // D],
+                                )
+                    else:
+                        for it in T.serial(T.ceildiv(rows * D, THREADS)):
+                            if it * THREADS + tx < rows * D:
+                                part_acc[bx * MR + _item(it, tx) // D, _item(it, tx) % D] = acc[
+                                    _item(it, tx) // D, _item(it, tx) % D
+                                ]
+                        for it in T.serial(T.ceildiv(rows, THREADS)):
+                            if it * THREADS + tx < rows:
+                                part_stat[bx * MR + _item(it, tx), 0] = row_max[_item(it, tx)]
+                                part_stat[bx * MR + _item(it, tx), 1] = row_sum[_item(it, tx)]
+        if splits > 1:
+            # Merge each row's ranges: every (row, feature) output rescales the ranges to the row's max.
+            for bx in T.thread_binding(groups, thread="blockIdx.x"):
+                for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                    with T.sblock("merge"):
+                        T.reads()
+                        T.writes()
+                        stat = T.sblock_alloc_buffer((3,), "float32", scope="local")  # max, sum, scale
+                        merged = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        tile: T.let[T.int32] = bx // (Hkv * SPLIT)
+                        kh: T.let[T.int32] = bx // SPLIT % Hkv
+                        h0: T.let[T.int32] = kh * G + bx % SPLIT * HB
+                        r0: T.let[T.int32] = query_tiles[tile, 0]
+                        rows: T.let[T.int32] = (query_tiles[tile, 1] - r0) * HB
+                        for it in T.serial(T.ceildiv(rows * D, THREADS)):
+                            if it * THREADS + tx < rows * D:
+                                m: T.let[T.int32] = _item(it, tx) // D
+                                d: T.let[T.int32] = _item(it, tx) % D
+                                stat[0] = T.float32(NEG_INF)
+                                for sp in T.serial(splits):
+                                    stat[0] = T.max(stat[0], part_stat[(bx * splits + sp) * MR + m, 0])
+                                stat[1] = T.float32(0)
+                                merged[0] = T.float32(0)
+                                for sp in T.serial(splits):
+                                    # A range with no key of the row has max NEG_INF and adds nothing.
+                                    stat[2] = T.Select(
+                                        part_stat[(bx * splits + sp) * MR + m, 0] > T.float32(MASKED),
+                                        T.exp2(part_stat[(bx * splits + sp) * MR + m, 0] - stat[0]),
+                                        T.float32(0),
+                                    )
+                                    stat[1] = stat[1] + part_stat[(bx * splits + sp) * MR + m, 1] * stat[2]
+                                    merged[0] = merged[0] + part_acc[(bx * splits + sp) * MR + m, d] * stat[2]
+                                out[r0 + m // HB, h0 + m % HB, d] = T.Cast(dtype, merged[0] / stat[1])
 
     name = "sparse_attention_gpu" if sparse else "dense_attention_gpu"
     return paged_attention_entry(name, body, Hq, Hkv, D, P, dtype, kv_dtype, sparse)

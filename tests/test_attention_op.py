@@ -1,16 +1,26 @@
-"""The paged attention op (dense and sparse views) and KV append against a numpy reference, with a float32 and
-a float16 pool (float32 queries and arithmetic either way)."""
+"""The paged attention op (dense and sparse views), KV append and the SnapKV scores against a numpy reference,
+for both kernel sets: the CPU kernels built for this CPU (a float32 and a float16 pool), and the GPU kernels,
+sized for CUDA's shared memory, generated as OpenCL and run on PoCL (a float32 pool: PoCL has no fp16).
+Queries and arithmetic are float32 either way."""
 
 from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import sys
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import tvm
+from pocl_kernels import BARRIER, POCL, needs_pocl
+from pocl_kernels import build as build_pocl
+from pocl_kernels import tensor as pocl_tensor
 
 from mlc_magicdec.compile.attention import PAGE_SIZE
 from mlc_magicdec.compile.targets import host_llvm
 from mlc_magicdec.runtime.runner import query_tiles
-from mlc_magicdec.schedules import cpu_attention
+from mlc_magicdec.schedules import AttentionKernels, attention_kernels, cpu_attention
 
 HQ, HKV, D, LAYERS = 6, 2, 32, 2
 LAYER = 1
@@ -20,15 +30,53 @@ def build(func):
     return tvm.compile(tvm.IRModule({"main": func}), target=host_llvm())["main"]
 
 
-@pytest.fixture(scope="module", params=["float32", "float16"])
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A kernel set, how its kernels are built, and how an array becomes a tensor on their device."""
+
+    kernels: AttentionKernels
+    build: Callable
+    tensor: Callable[[np.ndarray], tvm.runtime.Tensor]
+
+    def output(self, shape: tuple[int, ...]) -> tvm.runtime.Tensor:
+        """A float32 output, NaN until the kernel writes it."""
+        return self.tensor(np.full(shape, np.nan, np.float32))
+
+
+BACKENDS = {
+    "cpu": Backend(AttentionKernels(cpu_attention), build, tvm.runtime.tensor),
+    "pocl": Backend(attention_kernels(POCL.target), build_pocl, pocl_tensor),
+}
+NO_FP16 = pytest.mark.skip(reason="PoCL has no fp16: the GPU kernels run a float32 pool there")
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(("cpu", "float32"), id="cpu-float32"),
+        pytest.param(("cpu", "float16"), id="cpu-float16"),
+        pytest.param(("pocl", "float32"), id="pocl-float32", marks=needs_pocl),
+        pytest.param(("pocl", "float16"), id="pocl-float16", marks=NO_FP16),
+    ],
+)
 def kernels(request):
-    kv = request.param
+    backend_name, kv = request.param
+    backend = BACKENDS[backend_name]
+    k = backend.kernels
     return {
+        "backend": backend,
         "kv_dtype": kv,
-        "append": build(cpu_attention.kv_append(HKV, D, PAGE_SIZE, "float32", kv)),
-        "dense": build(cpu_attention.paged_attention(HQ, HKV, D, PAGE_SIZE, "float32", kv, False)),
-        "sparse": build(cpu_attention.paged_attention(HQ, HKV, D, PAGE_SIZE, "float32", kv, True)),
+        "append": backend.build(k.kv_append(HKV, D, PAGE_SIZE, "float32", kv)),
+        "dense": backend.build(k.paged_attention(HQ, HKV, D, PAGE_SIZE, "float32", kv, False)),
+        "sparse": backend.build(k.paged_attention(HQ, HKV, D, PAGE_SIZE, "float32", kv, True)),
     }
+
+
+def probabilities(q_row, keys, positions):
+    """Softmax of one query head's scores against ``keys[positions]`` (one KV head's keys)."""
+    s = keys[positions] @ q_row / np.sqrt(D)
+    p = np.exp(s - s.max())
+    return p / p.sum()
 
 
 def reference(q, keys, values, key_lists):
@@ -41,9 +89,7 @@ def reference(q, keys, values, key_lists):
         for h in range(heads):
             kh = h // group
             pos = positions[kh]
-            s = keys[b][pos, kh] @ q[t, h] / np.sqrt(D)
-            p = np.exp(s - s.max())
-            out[t, h] = (p / p.sum()) @ values[b][pos, kh]
+            out[t, h] = probabilities(q[t, h], keys[b][:, kh], pos) @ values[b][pos, kh]
     return out
 
 
@@ -70,32 +116,32 @@ def make_batch(rng, lengths, new_per_seq):
 
 
 def fill_pool(kernels, page_table, keys, values, num_pages):
+    backend = kernels["backend"]
     shape = (LAYERS, num_pages, 2, HKV, PAGE_SIZE * D)
-    pool = tvm.runtime.tensor(np.full(shape, np.nan, kernels["kv_dtype"]))
+    pool = backend.tensor(np.full(shape, np.nan, kernels["kv_dtype"]))
     for b, (k, v) in enumerate(zip(keys, values)):
         pos = np.arange(len(k))
         slots = (page_table[b, pos // PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE).astype(np.int32)
         for layer in range(LAYERS):
-            kernels["append"](
-                pool, tvm.runtime.tensor(k), tvm.runtime.tensor(v), tvm.runtime.tensor(slots), layer
-            )
+            kernels["append"](pool, backend.tensor(k), backend.tensor(v), backend.tensor(slots), layer)
     return pool
 
 
 def check_dense(kernels, dense, heads, lengths, new_per_seq, seed):
     """Run ``dense`` on the last ``new_per_seq`` tokens of random sequences; compare with numpy."""
+    backend = kernels["backend"]
     rng = np.random.default_rng(seed)
     page_table, keys, values, seq_rows, positions, num_pages = make_batch(rng, lengths, new_per_seq)
     pool = fill_pool(kernels, page_table, keys, values, num_pages)
     q = rng.standard_normal((len(seq_rows), heads, D)).astype(np.float32)
-    out = tvm.runtime.empty(q.shape, "float32")
+    out = backend.output(q.shape)
     dense(
-        tvm.runtime.tensor(q),
+        backend.tensor(q),
         pool,
-        tvm.runtime.tensor(page_table),
-        tvm.runtime.tensor(seq_rows),
-        tvm.runtime.tensor(positions),
-        tvm.runtime.tensor(query_tiles(seq_rows)),
+        backend.tensor(page_table),
+        backend.tensor(seq_rows),
+        backend.tensor(positions),
+        backend.tensor(query_tiles(seq_rows)),
         LAYER,
         out,
     )
@@ -108,9 +154,16 @@ def test_dense_view_matches_numpy(kernels, new_per_seq):
     check_dense(kernels, kernels["dense"], HQ, [37, 100, 21, 64], new_per_seq, new_per_seq)
 
 
+@pytest.mark.parametrize("new_per_seq", [1, 5])
+def test_dense_view_over_many_pages(kernels, new_per_seq):
+    """Sequences spanning dozens of scattered pages, next to a one-page one (many key blocks a query)."""
+    check_dense(kernels, kernels["dense"], HQ, [700, 9, 333], new_per_seq, 30 + new_per_seq)
+
+
 @pytest.mark.parametrize("new_per_seq", [1, 4])
 def test_sparse_view_matches_numpy(kernels, new_per_seq):
     """Random static lists per (sequence, layer, KV head), different budgets per sequence, plus a window."""
+    backend = kernels["backend"]
     rng = np.random.default_rng(10 + new_per_seq)
     lengths = [300, 90, 141]
     budgets = [40, 7, 0]  # static entries per sequence
@@ -128,17 +181,17 @@ def test_sparse_view_matches_numpy(kernels, new_per_seq):
                 chosen = np.sort(rng.choice(window_start[b], budgets[b], replace=False))
                 static_pos[b, layer, h, : budgets[b]] = chosen
     q = rng.standard_normal((len(seq_rows), HQ, D)).astype(np.float32)
-    out = tvm.runtime.empty(q.shape, "float32")
+    out = backend.output(q.shape)
     kernels["sparse"](
-        tvm.runtime.tensor(q),
+        backend.tensor(q),
         pool,
-        tvm.runtime.tensor(page_table),
-        tvm.runtime.tensor(seq_rows),
-        tvm.runtime.tensor(positions),
-        tvm.runtime.tensor(query_tiles(seq_rows)),
-        tvm.runtime.tensor(static_pos),
-        tvm.runtime.tensor(np.array(budgets, np.int32)),
-        tvm.runtime.tensor(window_start),
+        backend.tensor(page_table),
+        backend.tensor(seq_rows),
+        backend.tensor(positions),
+        backend.tensor(query_tiles(seq_rows)),
+        backend.tensor(static_pos),
+        backend.tensor(np.array(budgets, np.int32)),
+        backend.tensor(window_start),
         LAYER,
         out,
     )
@@ -153,9 +206,10 @@ def test_sparse_view_matches_numpy(kernels, new_per_seq):
 
 @pytest.mark.parametrize("heads", [HKV, 5 * HKV, 8 * HKV])  # one row, a padded row tile, two row tiles
 def test_dense_view_any_group_size(kernels, heads):
-    """GQA groups of other sizes than the fixture's (row tiles of the group, padding of the last tile)."""
-    kv = kernels["kv_dtype"]
-    dense = build(cpu_attention.paged_attention(heads, HKV, D, PAGE_SIZE, "float32", kv, False))
+    """GQA groups of other sizes than the fixture's (CPU: row tiles of the group, padding of the last tile;
+    GPU: a group of 5 takes one-page key blocks, one of 8 is split over two blocks, in 48 KB of shared)."""
+    backend, kv = kernels["backend"], kernels["kv_dtype"]
+    dense = backend.build(backend.kernels.paged_attention(heads, HKV, D, PAGE_SIZE, "float32", kv, False))
     check_dense(kernels, dense, heads, [50, 33], 4, heads)
 
 
@@ -165,10 +219,101 @@ def test_dense_view_with_split_keys(kernels, monkeypatch, min_blocks, new_per_se
     """Few items (2 sequences x 2 KV heads): each sequence's keys are split into ranges of ``min_blocks``
     pages (5 or 2 ranges here), merged afterwards. With 5 verify rows, the earliest rows see no key at all of
     the last range."""
+    if kernels["backend"].kernels.module is not cpu_attention:
+        pytest.skip("the CPU kernels' key splitting (cpu_attention.MIN_SPLIT_BLOCKS)")
     monkeypatch.setattr(cpu_attention, "MIN_SPLIT_BLOCKS", min_blocks)
     kv = kernels["kv_dtype"]
     dense = build(cpu_attention.paged_attention(HQ, HKV, D, PAGE_SIZE, "float32", kv, False))
     check_dense(kernels, dense, HQ, [66, 35], new_per_seq, min_blocks)
+
+
+def test_kv_append_writes_only_its_slots(kernels):
+    """Each token's K and V land in its own page, KV head and layer, and nothing else is written (the
+    layout inside a page is the kernel set's own; the attention tests check that reads agree with it)."""
+    kv = kernels["kv_dtype"]
+    rng = np.random.default_rng(5)
+    page_table, keys, values, _, _, num_pages = make_batch(rng, [23, 40], 1)  # 23 tokens: a partial block
+    pool = fill_pool(kernels, page_table, keys[:1], values[:1], num_pages).numpy()
+    written = np.zeros(pool.shape[:4], bool)
+    for kind, data in enumerate((keys[0], values[0])):
+        for page in np.unique(page_table[0, : -(-len(data) // PAGE_SIZE)]):
+            pos = [p for p in range(len(data)) if page_table[0, p // PAGE_SIZE] == page]
+            for layer in range(LAYERS):
+                for h in range(HKV):
+                    got = pool[layer, page, kind, h]
+                    expect = data[pos, h].astype(kv)
+                    np.testing.assert_array_equal(np.sort(got[~np.isnan(got)]), np.sort(expect.ravel()))
+                    written[layer, page, kind, h] = True
+    assert np.isnan(pool[~written]).all()
+
+
+@pytest.mark.parametrize("new_per_seq", [1, 6])
+def test_attention_scores_match_numpy(kernels, new_per_seq):
+    """SnapKV scores: each position's attention from its row's query tokens, summed over the tokens and the
+    query heads of each KV head's group; zero past each row's last query and in its unused pages."""
+    backend, kv = kernels["backend"], kernels["kv_dtype"]
+    scores = backend.build(backend.kernels.attention_scores(HQ, HKV, D, PAGE_SIZE, "float32", kv))
+    rng = np.random.default_rng(20 + new_per_seq)
+    page_table, keys, values, seq_rows, positions, num_pages = make_batch(rng, [37, 300, 9], new_per_seq)
+    pool = fill_pool(kernels, page_table, keys, values, num_pages)
+    q = rng.standard_normal((len(seq_rows), HQ, D)).astype(np.float32)
+    shape = (page_table.shape[0], HKV, page_table.shape[1] * PAGE_SIZE)
+    out = backend.output(shape)
+    scores(
+        backend.tensor(q),
+        pool,
+        backend.tensor(page_table),
+        backend.tensor(seq_rows),
+        backend.tensor(positions),
+        LAYER,
+        out,
+    )
+    expect = np.zeros(shape)
+    group = HQ // HKV
+    for t, (b, p) in enumerate(zip(seq_rows, positions)):
+        for h in range(HQ):
+            expect[b, h // group, : p + 1] += probabilities(q[t, h], keys[b][:, h // group], np.arange(p + 1))
+    np.testing.assert_allclose(out.numpy(), expect, atol=2e-5, rtol=1e-4)
+
+
+WRONG_OUTPUT = 3  # exit code of the child process below when the kernel's output is wrong
+CHILD_TIMEOUT = 300  # seconds
+
+
+def without_barriers(source: str) -> str:
+    assert BARRIER in source
+    return source.replace(BARRIER, "")
+
+
+def check_attention_without_barriers() -> None:
+    """Run the GPU dense view with every work-group barrier deleted from its OpenCL; exit ``WRONG_OUTPUT``
+    if the output is wrong."""
+    backend = BACKENDS["pocl"]
+    k = backend.kernels
+    kernels = {
+        "backend": backend,
+        "kv_dtype": "float32",
+        "append": build_pocl(k.kv_append(HKV, D, PAGE_SIZE, "float32", "float32")),
+    }
+    dense = k.paged_attention(HQ, HKV, D, PAGE_SIZE, "float32", "float32", False)
+    broken = build_pocl(dense, edit=without_barriers)
+    try:
+        check_dense(kernels, broken, HQ, [37, 100, 21, 64], 5, 5)
+    except AssertionError:
+        sys.exit(WRONG_OUTPUT)
+
+
+@needs_pocl
+def test_gpu_attention_without_barriers_fails():
+    """The PoCL check can fail: without barriers, the threads of a block read shared memory that the others
+    have not written yet. The kernel runs in a child process: shared memory that TVM reuses for another
+    buffer may then hold a float where an address should be, and the kernel may crash instead."""
+    child = multiprocessing.get_context("spawn").Process(target=check_attention_without_barriers)
+    child.start()
+    child.join(CHILD_TIMEOUT)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == WRONG_OUTPUT or (child.exitcode or 0) < 0  # wrong output, or killed by a signal
 
 
 def test_query_tiles_split_runs():
