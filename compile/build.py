@@ -29,7 +29,7 @@ from ..fileio import atomic_write_json
 from ..hashing import file_sha256
 from ..manifest import WEIGHTS_NAME, Manifest
 from ..schedules import relax_pipeline
-from . import cuda, opencl
+from . import cuda, opencl, sampling
 from .config import ModelConfig
 from .convert import convert, linear_sources, quantization_plan, unquantizable_width
 from .loaders import load_model
@@ -40,6 +40,8 @@ from .targets import GPU_TARGETS, TargetPreset, resolve
 LIBRARY_NAME = "model.so"
 METAL_LIBRARY_NAME = "model.tar"  # Metal: objects to link into a dylib on macOS (``mlc-magicdec link``)
 TOKENIZER_NAME = "tokenizer.json"
+# GPU targets' weights unless told (MLC-LLM's defaults by activation dtype): 4-bit, the memory left to the KV
+GPU_QUANTIZATION = {"float16": "q4f16_1", "float32": "q4f32_1"}
 WEIGHT_SHARD_MB = 32  # shard size of params_shard_*.bin (MLC's default)
 
 
@@ -55,11 +57,13 @@ class CompileError(UserError, ValueError):
 
 
 def export_model(cfg: ModelConfig, preset: TargetPreset, dtype: str, kv_dtype: str, formats=None):
-    """The Relax module and its ordered parameter list for ``cfg`` on ``preset`` (``formats``: the
-    quantized linears, see ``quantization``)."""
+    """The Relax module (the model's functions and the device sampling functions, ``sampling``) and its
+    ordered parameter list for ``cfg`` on ``preset`` (``formats``: the quantized linears, see
+    ``quantization``)."""
     model = LlamaModel(cfg, preset.target, dtype, kv_dtype, formats)
     model.to(dtype)
-    return model.export_tvm(spec=model.get_spec())
+    mod, named_params = model.export_tvm(spec=model.get_spec())
+    return sampling.add_functions(mod, cfg.vocab_size, preset.schedules in GPU_TARGETS), named_params
 
 
 def library_name(preset: TargetPreset) -> str:
@@ -193,7 +197,7 @@ def compile_model(
                 raise CompileError(
                     f"--budget {budget} must be below the context window ({cfg.context_window})"
                 )
-            quantization = quantization or _default_quantization(loaded, preset)
+            quantization = quantization or _default_quantization(loaded, preset, dtype)
             formats = _quantization_formats(loaded, preset, quantization, quiet)
             with step(f"exporting graph ({cfg.family}, {cfg.num_layers} layers)"):
                 mod, named_params = export_model(cfg, preset, dtype, kv_dtype, formats)
@@ -211,7 +215,9 @@ def compile_model(
                 )
                 record_formats(tmp, formats)
             with step(f"building library for {preset.kind}"):
-                build = json.dumps([cfg.to_dict(), dtype, kv_dtype, list(drafts), budget, __version__])
+                build = json.dumps(
+                    [cfg.to_dict(), dtype, kv_dtype, quantization, list(drafts), budget, __version__]
+                )
                 prefix = f"k{hashlib.sha256(build.encode()).hexdigest()[:8]}_"
                 library = build_library(mod, preset, tmp, prefix if preset.codegen is not None else "")
             (tmp / TOKENIZER_NAME).write_text(loaded.tokenizer_json)
@@ -256,12 +262,15 @@ def _stored_types(loaded) -> set[str]:
     return {loaded.weights.stored_type(p) for parts in linear_sources(loaded.config).values() for p in parts}
 
 
-def _default_quantization(loaded, preset: TargetPreset) -> str:
-    """``gguf`` for a GGUF file with quantized linears on the CPU, else ``none`` (the GPU schedules of the
-    dequantize-fused matmul are not yet checked, so GPU targets stay float unless asked)."""
-    if preset.schedules not in GPU_TARGETS and _stored_types(loaded) - set(FLOAT_TYPES):
-        return "gguf"
-    return "none"
+def _default_quantization(loaded, preset: TargetPreset, dtype: str) -> str:
+    """What a user wants unless told: on GPUs ``GPU_QUANTIZATION`` for ``dtype`` (a GGUF's Q8_0 blocks, kept
+    as they are, make a GEMV that spills on CUDA, so GPU artifacts re-quantize); on CPUs a quantized GGUF
+    stays quantized (``gguf``) and float weights stay float; PoCL tests float32 weights (``none``)."""
+    if preset.codegen is not None:
+        return "none"
+    if preset.schedules in GPU_TARGETS:
+        return GPU_QUANTIZATION[dtype]
+    return "gguf" if _stored_types(loaded) - set(FLOAT_TYPES) else "none"
 
 
 def _quantization_formats(loaded, preset: TargetPreset, quantization: str, quiet: bool) -> dict:

@@ -86,7 +86,7 @@ def convert(
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(name, array)`` for each of the model's parameter ``names``, converted one linear at a time;
     the linears in ``formats`` as their quantized tensors (``codes``, ``scale``, ``min``), the others as
-    float ``[in, out]`` (``[out, in]`` with ``out_in``)."""
+    float ``[in, out]``; all transposed with ``out_in``."""
     formats = formats or {}
     makers: dict[str, Callable] = {
         "embed_tokens.weight": lambda: hf["model.embed_tokens.weight"],
@@ -106,7 +106,7 @@ def convert(
             def make(linear=linear, parts=parts, fmt=fmt, tensor=tensor):
                 if linear not in packed:
                     packed.clear()
-                    packed[linear] = _quantized(hf, parts, fmt).packed()
+                    packed[linear] = _quantized(hf, parts, fmt).packed(out_in)
                 return packed[linear][tensor]
 
             makers[f"{linear}.{tensor}"] = make

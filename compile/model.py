@@ -81,9 +81,9 @@ def apply_rope(qkv: Tensor, positions: Tensor, inv_freq: Tensor, num_rotated_hea
 
 
 class Linear(nn.Module):
-    """``y = x @ W + b``: a float ``weight`` (``[in_features, out_features]``, or ``[out, in]`` with
-    ``out_in``), or with ``fmt`` the group-quantized ``codes``, ``scale`` (and ``min``) of ``W`` that the
-    matmul dequantizes as it reads them."""
+    """``y = x @ W + b``: a float ``weight`` ``[in_features, out_features]``, or with ``fmt`` the
+    group-quantized ``codes``, ``scale`` (and ``min``) of ``W`` that the matmul dequantizes as it reads them;
+    all transposed with ``out_in``."""
 
     def __init__(
         self,
@@ -93,13 +93,12 @@ class Linear(nn.Module):
         fmt: GroupFormat | None = None,
         out_in: bool = False,
     ):
-        self.fmt, self.out_in = fmt, out_in and fmt is None
-        if self.out_in:
-            self.weight = nn.Parameter((out_features, in_features))
-        elif fmt is None:
-            self.weight = nn.Parameter((in_features, out_features))
+        self.fmt, self.out_in = fmt, out_in
+        if fmt is None:
+            shape = (out_features, in_features) if out_in else (in_features, out_features)
+            self.weight = nn.Parameter(shape)
         else:
-            for name, (shape, dtype) in fmt.param_shapes(in_features, out_features).items():
+            for name, (shape, dtype) in fmt.param_shapes(in_features, out_features, out_in).items():
                 setattr(self, name, nn.Parameter(shape, dtype))
         self.bias = nn.Parameter((out_features,)) if bias else None
 
@@ -110,12 +109,12 @@ class Linear(nn.Module):
                 param.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.out_in:
-            w = op.permute_dims(self.weight)  # fused into the matmul: one kernel reading W along its rows
-        elif self.fmt is None:
+        if self.fmt is None:
             w = self.weight
         else:
-            w = dequantize(self.codes, self.scale, getattr(self, "min", None), self.fmt, x.dtype)
+            w = dequantize(self.codes, self.scale, getattr(self, "min", None), self.fmt, x.dtype, self.out_in)
+        if self.out_in:
+            w = op.permute_dims(w)  # fused into the matmul: one kernel reading W along its rows
         y = op.matmul(x, w)
         return y + self.bias if self.bias is not None else y
 

@@ -7,10 +7,12 @@ scale per group (Q4_1 also one min): ``w = scale * (code - zero) + min``. The GG
 the numbers llama.cpp (and ``gguf.quants``) computes. The MLC-LLM schemes (``q4f16_1``, ``q4f32_1``, and
 ``q8f16_1``) are symmetric: ``scale = max|w| / max_code``, ``zero`` the middle code.
 
-In the artifact a quantized linear ``[in, out]`` is three tensors: ``codes[in * bits / 32, out]`` (uint32,
+In a CPU artifact a quantized linear ``[in, out]`` is three tensors: ``codes[in * bits / 32, out]`` (uint32,
 each word the codes of ``32 / bits`` consecutive inputs, the lowest bits first), ``scale[in / 32, out]`` and,
 with a min, ``min[in / 32, out]``. Outputs are the innermost axis, as for float weights, so a matmul streams
-them and a vector of outputs shares one input's codes word.
+them and a vector of outputs shares one input's codes word. GPU artifacts store the transpose (``out_in``:
+``codes[out, in * bits / 32]``, ``scale[out, in / 32]``, as GGUF blocks and MLC-LLM do), so the threads that
+reduce one output along its row read consecutive words.
 """
 
 from __future__ import annotations
@@ -48,11 +50,15 @@ class GroupFormat:
         """The artifact tensors of one quantized linear (suffixes of its name)."""
         return ("codes", "scale", "min") if self.has_min else ("codes", "scale")
 
-    def param_shapes(self, in_features: int, out_features: int) -> dict[str, tuple[tuple[int, int], str]]:
-        """``name -> (shape, dtype)`` of the tensors that hold a ``[in, out]`` weight."""
-        groups = (in_features // GROUP_SIZE, out_features)
+    def param_shapes(
+        self, in_features: int, out_features: int, out_in: bool = False
+    ) -> dict[str, tuple[tuple[int, int], str]]:
+        """``name -> (shape, dtype)`` of the tensors that hold a ``[in, out]`` weight (transposed with
+        ``out_in``)."""
+        orient = (lambda rows, cols: (cols, rows)) if out_in else (lambda rows, cols: (rows, cols))  # noqa: E731
+        groups = orient(in_features // GROUP_SIZE, out_features)
         shapes = {
-            "codes": ((in_features // self.codes_per_word, out_features), CODE_DTYPE),
+            "codes": (orient(in_features // self.codes_per_word, out_features), CODE_DTYPE),
             "scale": (groups, self.scale_dtype),
         }
         if self.has_min:
@@ -117,21 +123,21 @@ class QuantizedWeight:
             cat([p.min for p in parts]),
         )
 
-    def packed(self) -> dict[str, np.ndarray]:
-        """The artifact's tensors (see the module docstring), ``[in, out]`` oriented."""
+    def packed(self, out_in: bool = False) -> dict[str, np.ndarray]:
+        """The artifact's tensors (see the module docstring), ``[in, out]`` oriented, or ``[out, in]`` with
+        ``out_in``."""
         fmt = self.fmt
         out_features, in_features = self.codes.shape
-        codes = self.codes.T.astype(np.uint32).reshape(
-            in_features // fmt.codes_per_word, fmt.codes_per_word, -1
-        )
-        shifts = (np.arange(fmt.codes_per_word, dtype=np.uint32) * fmt.bits)[None, :, None]
+        codes = self.codes.astype(np.uint32).reshape(out_features, in_features // fmt.codes_per_word, -1)
+        shifts = np.arange(fmt.codes_per_word, dtype=np.uint32) * fmt.bits
+        words = np.bitwise_or.reduce(codes << shifts, axis=2).astype(np.uint32)  # [out, in / per word]
+        orient = (lambda a: a) if out_in else (lambda a: a.T)  # noqa: E731
         tensors = {
-            "codes": np.bitwise_or.reduce(codes << shifts, axis=1).astype(np.uint32),
-            "scale": np.ascontiguousarray(self.scale.T, dtype=fmt.scale_dtype),
+            "codes": np.ascontiguousarray(orient(words)),
+            "scale": np.ascontiguousarray(orient(self.scale), dtype=fmt.scale_dtype),
         }
         if self.min is not None:
-            tensors["min"] = np.ascontiguousarray(self.min.T, dtype=fmt.scale_dtype)
-        assert tensors["codes"].shape == (in_features // fmt.codes_per_word, out_features)
+            tensors["min"] = np.ascontiguousarray(orient(self.min), dtype=fmt.scale_dtype)
         return tensors
 
 
@@ -147,9 +153,9 @@ def quantize(w: np.ndarray, fmt: GroupFormat) -> QuantizedWeight:
     return QuantizedWeight(fmt, q.astype(np.uint8).reshape(out_features, in_features), scale)
 
 
-def dequantize(codes, scale, min_, fmt: GroupFormat, dtype: str):
-    """The ``[in, out]`` weight in ``dtype``, from a quantized linear's tensors (``nn`` Tensors); computed in
-    float32 (exact for the GGUF formats), fused by Relax into the matmul that reads it."""
+def dequantize(codes, scale, min_, fmt: GroupFormat, dtype: str, out_in: bool = False):
+    """The ``[in, out]`` weight in ``dtype`` (``[out, in]`` with ``out_in``), from a quantized linear's
+    tensors (``nn`` Tensors); computed in float32 (exact for the GGUF formats), fused into its matmul."""
     from tvm import te, tirx
     from tvm.relax.frontend.nn import op
 
@@ -157,13 +163,18 @@ def dequantize(codes, scale, min_, fmt: GroupFormat, dtype: str):
 
     def compute(c: te.Tensor, s: te.Tensor, *m: te.Tensor) -> te.Tensor:
         def w(k, n):
+            at = (lambda a, i: a[n, i]) if out_in else (lambda a, i: a[i, n])  # noqa: E731
             shift = tirx.Cast(CODE_DTYPE, (k % per_word) * fmt.bits)
-            code = (c[k // per_word, n] >> shift) & tirx.const(mask, CODE_DTYPE)
-            value = s[k // GROUP_SIZE, n].astype("float32") * (code.astype("float32") - float(fmt.zero))
+            code = (at(c, k // per_word) >> shift) & tirx.const(mask, CODE_DTYPE)
+            value = at(s, k // GROUP_SIZE).astype("float32") * (code.astype("float32") - float(fmt.zero))
             if m:
-                value = value + m[0][k // GROUP_SIZE, n].astype("float32")
+                value = value + at(m[0], k // GROUP_SIZE).astype("float32")
             return value.astype(dtype)
 
+        if out_in:
+            return te.compute(
+                (c.shape[0], c.shape[1] * per_word), lambda n, k: w(k, n), name="dequantize"
+            )
         return te.compute((c.shape[0] * per_word, c.shape[1]), w, name="dequantize")
 
     args = [codes, scale] + ([min_] if min_ is not None else [])

@@ -16,7 +16,7 @@ from .fileio import atomic_write_json
 
 CONFIG_NAME = "mlc-magicdec-config.json"
 WEIGHTS_NAME = "tensor-cache.json"  # TVM's weight index (tvmjs): shards, and each tensor's record
-ARTIFACT_FORMAT = 1  # bump whenever the library's functions or the pool layout change
+ARTIFACT_FORMAT = 2  # bump whenever the library's functions or the pool layout change
 
 
 class ManifestError(UserError, ValueError):

@@ -3,6 +3,10 @@
 The static ``Engine`` and the serving loop both decode through these functions. A round takes the
 sequences that run in it; each sequence carries its own sampling parameters, stop tokens and, in a
 speculative round, its own gamma (0: it takes a plain step inside the round's verification pass).
+
+Logits stay on the device: the artifact's sampling functions (``compile.sampling``) pick the tokens and verify
+the drafts there, from uniforms that each sequence's generator draws on the host in the order of
+``runtime.sampling``'s reference, so only token ids and accepted counts come back.
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+import tvm
 
-from .drafter import Drafter
+from .drafter import Drafter, sampling_params
 from .runner import ModelRunner
-from .sampling import probs_from_logits, sample, verify_greedy, verify_rejection
 from .sequences import GenerationStats, SequenceState
 
 
@@ -49,16 +53,15 @@ def prefill(runner: ModelRunner, pieces: Sequence[PrefillPiece]) -> np.ndarray:
     return logits
 
 
-def choose(requests: Sequence[SequenceState], logits: np.ndarray) -> np.ndarray:
-    """Sample (or argmax) one token per request from ``logits[len(requests), vocab]``."""
-    out = np.empty(len(requests), dtype=np.int64)
-    for i, r in enumerate(requests):
-        if r.params.greedy:
-            out[i] = int(np.argmax(logits[i]))
-        else:
-            probs = probs_from_logits(logits[i], r.params.temperature, r.params.top_p)
-            out[i] = int(sample(probs[None], r.rng)[0])
-    return out
+def choose(
+    runner: ModelRunner, requests: Sequence[SequenceState], logits: tvm.runtime.Tensor | np.ndarray
+) -> np.ndarray:
+    """Sample (or argmax) one token per request from ``logits[len(requests), vocab]``, on the device."""
+    if all(r.params.greedy for r in requests):
+        return runner.to_host(runner.call("argmax", logits)).astype(np.int64)
+    probs = runner.call("probs", logits, *sampling_params(requests))
+    u = np.array([0.0 if r.params.greedy else r.rng.random() for r in requests])
+    return runner.to_host(runner.call("sample", probs, u)).astype(np.int64)
 
 
 def append(r: SequenceState, new_tokens: Sequence[int]) -> int:
@@ -83,11 +86,14 @@ def plain_step(
     positions = np.array([len(r.tokens) - 1 for r in active])
     tokens = np.array([r.tokens[-1] for r in active])
     t0 = time.perf_counter()
-    logits = target.forward("decode", tokens, np.arange(len(active)), positions, [r.seq_id for r in active])
+    logits = target.forward_device(
+        "decode", tokens, np.arange(len(active)), positions, [r.seq_id for r in active]
+    )
+    chosen = choose(target, active, logits)
     seconds = time.perf_counter() - t0
     stats.decode_seconds += seconds
     stats.decode_steps += 1
-    for r, tok, p in zip(active, choose(active, logits), positions):
+    for r, tok, p in zip(active, chosen, positions):
         target.pages.set_length(r.seq_id, int(p) + 1)
         drafter.after_plain_step(r, int(p) + 1)
         append(r, [tok])
@@ -119,14 +125,14 @@ def speculative_round(
     )
     t1 = time.perf_counter()
     drafted = [np.empty(0, np.int64)] * len(active)
-    q_of: list[np.ndarray | None] = [None] * len(active)
     for row, b in enumerate(drafting):
         drafted[b] = tokens[row, : gammas[b]]
-        q_of[b] = None if q is None else q[row, : gammas[b]]
     verify_tokens = np.concatenate([[r.tokens[-1], *d] for r, d in zip(active, drafted)])
     seq_rows = np.repeat(np.arange(len(active)), gammas + 1)
     positions = np.concatenate([c + np.arange(g + 1) for c, g in zip(committed, gammas)])
-    logits = target.forward("verify", verify_tokens, seq_rows, positions, [r.seq_id for r in active])
+    logits = target.forward_device("verify", verify_tokens, seq_rows, positions, [r.seq_id for r in active])
+    starts = np.concatenate([[0], np.cumsum(gammas + 1)])
+    accepted, next_tokens = verify(target, active, drafted, logits, verify_tokens, starts, q)
     t2 = time.perf_counter()
     stats.draft_seconds += t1 - t0
     stats.verify_seconds += t2 - t1
@@ -134,15 +140,8 @@ def speculative_round(
     stats.verify_steps += 1
     stats.decode_seconds += t2 - t0
     stats.decode_steps += 1
-    starts = np.concatenate([[0], np.cumsum(gammas + 1)])
     for b, r in enumerate(active):
-        rows, gamma = logits[starts[b] : starts[b + 1]], int(gammas[b])
-        if r.params.greedy:
-            n_acc, nxt = verify_greedy(drafted[b], np.argmax(rows, axis=-1))
-        else:
-            p = probs_from_logits(rows, r.params.temperature, r.params.top_p)
-            q_b = q_of[b] if gamma else np.empty((0, rows.shape[-1]))
-            n_acc, nxt = verify_rejection(drafted[b], q_b, p, r.rng)
+        gamma, n_acc, nxt = int(gammas[b]), int(accepted[b]), int(next_tokens[b])
         kept = append(r, [*drafted[b][:n_acc], nxt])
         target.pages.set_length(r.seq_id, int(committed[b]) + kept)
         if gamma == 0:
@@ -155,3 +154,35 @@ def speculative_round(
         stats.drafted_tokens += gamma
         stats.accepted_tokens += n_acc
     return t1 - t0, t2 - t1
+
+
+def verify(
+    target: ModelRunner,
+    active: Sequence[SequenceState],
+    drafted: Sequence[np.ndarray],
+    logits: tvm.runtime.Tensor,
+    verify_tokens: np.ndarray,
+    starts: np.ndarray,
+    q: tvm.runtime.Tensor | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each sequence's accepted drafts and next token from the verify pass's ``logits``, on the device:
+    greedy prefix matching when every sequence is greedy, else rejection sampling against the drafts'
+    probabilities ``q`` (one-hot for a greedy sequence, which makes it exact greedy verification)."""
+    if all(r.params.greedy for r in active):
+        accepted, next_tokens = target.call("greedy_verify", logits, verify_tokens, starts)
+        return target.to_host(accepted), target.to_host(next_tokens)
+    gammas = np.diff(starts) - 1
+    temperature, top_p = (np.repeat(a, gammas + 1) for a in sampling_params(active))
+    p = target.call("probs", logits, temperature, top_p)
+    if q is None:  # every drafting sequence is greedy: their drafts' probabilities are one-hot
+        flat = np.concatenate([np.zeros(0, np.int64), *drafted])
+        one_hot = np.zeros((len(flat), target.cfg.vocab_size), np.float32)
+        one_hot[np.arange(len(flat)), flat] = 1.0
+        q = tvm.runtime.tensor(one_hot, target.device)
+    # the reference's draws for each sequence: its accept tests, then its next token
+    u_accept = np.concatenate(
+        [np.zeros(g) if r.params.greedy else r.rng.random(g) for r, g in zip(active, gammas)]
+    )
+    u_next = np.array([0.0 if r.params.greedy else r.rng.random() for r in active])
+    accepted, next_tokens = target.call("rejection_verify", p, q, verify_tokens, starts, u_accept, u_next)
+    return target.to_host(accepted), target.to_host(next_tokens)

@@ -14,10 +14,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import numpy as np
+import tvm
 
 from . import costmodel as cm
 from .runner import ModelRunner
-from .sampling import probs_from_logits, sample
 from .sequences import ScoreCache, SequenceState
 from .views import snapkv_view, streaming_view
 
@@ -39,6 +39,14 @@ def snapkv_scores(runner: ModelRunner, sequences: Sequence[SequenceState]) -> di
         [r.seq_id for r in sequences],
     )
     return {r.seq_id: scores[:, row] for row, r in enumerate(sequences)}
+
+
+def sampling_params(sequences: Sequence[SequenceState]) -> tuple[np.ndarray, np.ndarray]:
+    """Each sequence's temperature and top-p, as the device's sampling functions take them."""
+    return (
+        np.array([r.params.temperature for r in sequences], np.float32),
+        np.array([r.params.top_p for r in sequences], np.float32),
+    )
 
 
 class Drafter(ABC):
@@ -90,18 +98,22 @@ class Drafter(ABC):
         gammas: np.ndarray,
         static_pos: np.ndarray,
         static_len: np.ndarray,
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """``gammas[b]`` draft steps for each active sequence: tokens ``[B, max(gammas)]`` and their
-        probabilities (None when every sequence is greedy); row ``b`` is valid up to ``gammas[b]``.
+    ) -> tuple[np.ndarray, tvm.runtime.Tensor | None]:
+        """``gammas[b]`` draft steps for each active sequence: tokens ``[B, max(gammas)]`` (row ``b`` valid up
+        to ``gammas[b]``) and, unless every sequence is greedy, their probabilities on the device,
+        ``[sum(gammas), vocab]``: each sequence's drafts in order, sequence after sequence.
 
         The first step also feeds the drafter any committed token it has no KV for yet (a separate draft model
         never saw the last drafted token when all were accepted), so it may take two tokens for a sequence.
         """
+        runner = self.runner
         gammas = np.asarray(gammas, dtype=np.int64)
-        batch, vocab, most = len(active), self.runner.cfg.vocab_size, int(gammas.max())
+        batch, vocab, most = len(active), runner.cfg.vocab_size, int(gammas.max())
         tokens = np.zeros((batch, most), dtype=np.int64)
+        first_q = np.concatenate([[0], np.cumsum(gammas)])  # each sequence's first row of q
         greedy = all(r.params.greedy for r in active)
-        q = None if greedy else np.zeros((batch, most, vocab))
+        q = None if greedy else tvm.runtime.empty((int(first_q[-1]), vocab), "float32", runner.device)
+        temperature, top_p = sampling_params(active)
         window_start = np.array([r.view.window_start(int(n)) for r, n in zip(active, committed)], np.int32)
         feed = [r.tokens[r.draft_len :] for r in active]
         rows = np.concatenate([np.full(len(f), b) for b, f in enumerate(feed)])
@@ -109,7 +121,7 @@ class Drafter(ABC):
         current = np.concatenate(feed)
         live = np.arange(batch)  # the sequences still drafting
         for i in range(most):
-            logits = self.runner.forward(
+            logits = runner.forward_device(
                 "draft",
                 current,
                 rows,
@@ -119,14 +131,19 @@ class Drafter(ABC):
                 static_len[live],
                 window_start[live],
             )
-            logits = logits[np.cumsum(np.bincount(rows, minlength=len(live))) - 1]  # each row's last token
-            tokens[live, i] = np.argmax(logits, axis=-1)
-            if q is not None:
-                for row, b in enumerate(live):
-                    r = active[b]
-                    q[b, i] = probs_from_logits(logits[row], r.params.temperature, r.params.top_p)
-                    if not r.params.greedy:
-                        tokens[b, i] = sample(q[b, i][None], r.rng)[0]
+            last = np.cumsum(np.bincount(rows, minlength=len(live))) - 1  # each sequence's last token row
+            if q is None:
+                tokens[live, i] = runner.to_host(runner.call("argmax", logits))[last]
+            else:
+                seq = live[rows]
+                probs = runner.call("probs", logits, temperature[seq], top_p[seq])
+                u = np.zeros(len(rows))
+                for row, b in zip(last, live):
+                    if not active[b].params.greedy:
+                        u[row] = active[b].rng.random()
+                tokens[live, i] = runner.to_host(runner.call("sample", probs, u))[last]
+                for row, b in zip(last, live):
+                    runner.copy_row(q, int(first_q[b]) + i, probs, int(row))
             live = live[gammas[live] > i + 1]
             current, rows, positions = tokens[live, i], np.arange(len(live)), committed[live] + i + 1
         return tokens, q

@@ -357,7 +357,7 @@ class Engine:
             self.drafter.build_views(requests, batch)
             stats.prefill_seconds += time.perf_counter() - t0
         stop = frozenset(self.config.eos_token_ids) if stop_at_eos else frozenset()
-        for r, tok in zip(requests, decoding.choose(requests, batch.logits)):
+        for r, tok in zip(requests, decoding.choose(self.target, requests, batch.logits)):
             r.stop_token_ids = stop
             decoding.append(r, [tok])
         if policy is not None:

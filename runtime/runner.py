@@ -1,7 +1,9 @@
-"""The model runner: one artifact's compiled functions called over its paged KV pool, numpy in and out.
+"""The model runner: one artifact's compiled functions called over its paged KV pool.
 
 The engine drives it for the target (and a small draft model's own runner); calibration, step timing and
-the kernel profiler time steps through it.
+the kernel profiler time steps through it. Decoding keeps the logits on the device (``forward_device``) and
+samples there (``call`` of the artifact's sampling functions, ``compile.sampling``); ``host_bytes`` counts
+what the runner copies back to the host.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .artifact import Artifact
 from .kv import KVPoolExhausted, PagePool
 
 MAX_POOL_ELEMENTS = 2**31 - 1  # the attention and append kernels index the pool with int32 offsets
+_NARROW = {np.dtype(np.int64): np.int32, np.dtype(np.float64): np.float32}  # how ``call`` sends numpy
 SYNTHETIC_SEQ_BASE = 1 << 30  # sequence ids for synthetic timing sequences (never clash with real ones)
 
 
@@ -33,7 +36,7 @@ def query_tiles(seq_rows: np.ndarray) -> np.ndarray:
 
 
 class ModelRunner:
-    """Calls one artifact's compiled functions over the shared paged pool; numpy in, numpy out."""
+    """Calls one artifact's compiled functions over the shared paged pool."""
 
     def __init__(self, artifact: Artifact):
         self.artifact = artifact
@@ -41,6 +44,7 @@ class ModelRunner:
         self.device = artifact.device
         self.pool_tensor: tvm.runtime.Tensor | None = None
         self.pages: PagePool | None = None
+        self.host_bytes = 0  # bytes copied from the device to the host through ``to_host``
 
     def ensure_pool(self, free_pages: int, capacity: int | None = None) -> PagePool:
         """Make sure ``free_pages`` pages are free, allocating a pool (of ``capacity`` pages if fixed)."""
@@ -98,7 +102,32 @@ class ModelRunner:
     def _t(self, array: np.ndarray) -> tvm.runtime.Tensor:
         return tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
 
-    def forward(
+    def to_host(self, tensor: tvm.runtime.Tensor) -> np.ndarray:
+        """``tensor`` copied to the host (counted in ``host_bytes``)."""
+        array = tensor.numpy()
+        self.host_bytes += array.nbytes
+        return array
+
+    @staticmethod
+    def copy_row(dst: tvm.runtime.Tensor, dst_row: int, src: tvm.runtime.Tensor, src_row: int) -> None:
+        """Copy row ``src_row`` of the 2-D ``src`` into row ``dst_row`` of ``dst``, on the device."""
+        width, dtype = int(src.shape[1]), str(src.dtype)
+        row_bytes = width * np.dtype(dtype).itemsize
+        view = dst._create_view((1, width), dtype, relative_byte_offset=dst_row * row_bytes)
+        view.copyfrom(src._create_view((1, width), dtype, relative_byte_offset=src_row * row_bytes))
+
+    def call(self, fn: str, *args: np.ndarray | tvm.runtime.Tensor):
+        """The artifact's parameter-free function ``fn`` (the sampling functions) on ``args``; numpy arrays
+        are copied to the device (int64 as int32, float64 as float32), results stay there."""
+        tensors = []
+        for a in args:
+            if not isinstance(a, tvm.runtime.Tensor):
+                a = np.asarray(a)
+                a = self._t(a.astype(_NARROW.get(a.dtype, a.dtype)))
+            tensors.append(a)
+        return self.artifact.vm[fn](*tensors)
+
+    def forward_device(
         self,
         fn: str,
         tokens: np.ndarray,
@@ -106,8 +135,9 @@ class ModelRunner:
         positions: np.ndarray,
         seq_ids: list[int],
         *extra: np.ndarray,
-    ) -> np.ndarray:
-        """Run ``fn`` (prefill/decode/verify/draft) on new ``tokens`` of rows ``seq_rows`` of ``seq_ids``.
+    ) -> tvm.runtime.Tensor:
+        """Run ``fn`` (prefill/decode/verify/draft) on new ``tokens`` of rows ``seq_rows`` of ``seq_ids``;
+        returns its output (logits, or SnapKV's scores) on the device.
 
         Tokens are grouped by row in ascending order; ``extra`` are the function's further index arrays.
         """
@@ -123,5 +153,9 @@ class ModelRunner:
             self._t(query_tiles(seq_rows)),
         ]
         args += [self._t(a) for a in extra]
-        logits, self.pool_tensor = vm[fn](*args, self.pool_tensor, params)
-        return logits.numpy()
+        out, self.pool_tensor = vm[fn](*args, self.pool_tensor, params)
+        return out
+
+    def forward(self, *args, **kwargs) -> np.ndarray:
+        """``forward_device``, its output copied to the host."""
+        return self.to_host(self.forward_device(*args, **kwargs))

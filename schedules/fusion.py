@@ -13,7 +13,7 @@ from tvm import relax
 from tvm.relax.dpl.pattern import GlobalVarPattern, TuplePattern, is_op, wildcard
 
 DEQUANTIZE = "dequantize"  # the name of the model's dequantize kernels (compile.quantization)
-_MATMULS = ("matmul", "fused_matmul")
+_MATMULS = ("matmul", "fused_matmul", "NT_matmul", "fused_NT_matmul")  # [in, out] or [out, in] W
 _WEIGHT_TENSORS = (2, 3)  # codes, scale[, min]
 _EPILOGUE_INPUTS = (0, 1, 2)  # bias, residual
 

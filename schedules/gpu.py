@@ -36,6 +36,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 from ..errors import UserError
+from .fusion import fuse_dequantize_matmul
 
 LAUNCH_MARKERS = ("T.launch_thread(", "T.env_thread(")
 BLOCK = re.compile(r'with T\.sblock\("([^"]*)"')
@@ -252,6 +253,7 @@ def pipeline(target: Target, kernel_prefix: str = "") -> tvm.transform.Pass:
                     relax.transform.FoldConstant(),
                     relax.transform.FuseOps(),
                     relax.transform.FuseTIR(),
+                    fuse_dequantize_matmul(),
                     specialize_prefill(target),
                     dl.ApplyDefaultSchedule(*rules()),
                     check_bindings,

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from tvm import te
 
 from mlc_magicdec.cli import main
+from mlc_magicdec.compile import sampling
 from mlc_magicdec.compile.attention import PAGE_SIZE
 from mlc_magicdec.compile.build import LIBRARY_NAME, METAL_LIBRARY_NAME, compile_model
 from mlc_magicdec.compile.link import LinkError, link_metal
@@ -27,7 +28,7 @@ from mlc_magicdec.runtime.artifact import CONFIG_NAME, Artifact, ArtifactError
 from mlc_magicdec.schedules import gpu_attention
 from mlc_magicdec.schedules.gpu import UnboundKernelError, check_bindings, raise_for_unbound, unbound_kernels
 
-ENTRY_POINTS = {"embed", "prefill", "decode", "verify", "draft", "snapkv_scores"}
+ENTRY_POINTS = {"embed", "prefill", "decode", "verify", "draft", "snapkv_scores", *sampling.FUNCTIONS}
 COMPILE_LIMIT_S = 180  # the issue's bound on compiling SmolLM2 for cuda on the 2-core CI machines
 FATBIN_MAGIC = 0xBA55ED50
 FATBIN_ELF, FATBIN_PTX = 2, 1  # entry kinds of the fatbin container
@@ -224,16 +225,38 @@ def test_build_check_names_every_unbound_kernel():
     raise_for_unbound(check_bindings(bound))  # nothing to report
 
 
-def test_dtype_overrides_the_gpu_default(tiny_models, tmp_path):
-    """--dtype float32 on a GPU target: fp32 weights, KV pool and kernels (tiny Llama, GQA, head_dim 16)."""
+@pytest.mark.parametrize(("quantization", "stored"), [(None, {"float32", "uint32"}), ("none", {"float32"})])
+def test_dtype_overrides_the_gpu_default(tiny_models, tmp_path, quantization, stored):
+    """--dtype float32 on a GPU target: fp32 KV pool and kernels, and weights in q4f32_1 (float32 scales), or
+    float32 with --quantization none (tiny Llama, GQA, head_dim 16)."""
     folder, _, _ = tiny_models("llama")
-    path = compile_model(folder, tmp_path / "tiny-cuda-fp32", target="cuda", dtype="float32", quiet=True)
+    out = tmp_path / "tiny-cuda-fp32"
+    path = compile_model(folder, out, target="cuda", dtype="float32", quantization=quantization, quiet=True)
     config = _config(path)
-    assert config["dtype"] == "float32"
+    assert config["dtype"] == config["kv_dtype"] == "float32"
+    assert config["quantization"] == (quantization or "q4f32_1")
     records = json.loads((path / "tensor-cache.json").read_text())["records"]
-    assert {p["dtype"] for shard in records for p in shard["records"]} == {"float32"}
+    assert {p["dtype"] for shard in records for p in shard["records"]} == stored
     ((_, _, elf),) = [e for e in fatbin_entries(library_fatbin(path)) if e[0] == FATBIN_ELF]
     assert all(f"{k}_kernel".encode() in elf for names in kernel_names(config).values() for k in names)
+
+
+def test_gpu_artifacts_default_to_4_bit_weights_stored_out_in(cuda_artifact):
+    """A GPU target quantizes to q4f16_1 unless told (the GGUF's Q4_1 re-quantized), with fp16 scales and KV,
+    each linear stored ``[out, in]`` (codes ``[out, in / 8]``) for dlight's inner-reduction GEMV, which
+    fuses the dequantize."""
+    path, _ = cuda_artifact
+    config = _config(path)
+    assert config["quantization"] == "q4f16_1" and config["kv_dtype"] == "float16"
+    records = {
+        r["name"]: r for shard in json.loads((path / "tensor-cache.json").read_text())["records"]
+        for r in shard["records"]
+    }
+    hidden, inter = config["model"]["hidden_size"], config["model"]["intermediate_size"]
+    assert records["layers.0.mlp.down_proj.codes"]["shape"] == [hidden, inter // 8]
+    assert records["layers.0.mlp.down_proj.scale"]["shape"] == [hidden, inter // 32]
+    assert records["layers.0.mlp.down_proj.codes"]["quantization"]["format"] == "q4f16_1"
+    assert any("dequantize" in k and "NT_matmul" in k for k in config["kernels"]["decode"])
 
 
 def test_the_cuda_library_is_self_contained(cuda_artifact):

@@ -32,15 +32,18 @@ PREFIX = re.compile(r"^k[0-9a-f]{8}_")
 
 @pytest.fixture(scope="module")
 def pocl_models(tiny_models, tmp_path_factory):
-    """``get(family) -> (pocl artifact, llvm artifact)``, each compiled once."""
+    """``get(family, quantization) -> (pocl artifact, llvm artifact)``, each compiled once."""
     cache = {}
 
-    def get(family: str):
-        if family not in cache:
+    def get(family: str, quantization: str = "none"):
+        if (family, quantization) not in cache:
             folder, _, llvm = tiny_models(family)
-            out = tmp_path_factory.mktemp(f"pocl-{family}") / "artifact"
-            cache[family] = (compile_model(folder, out, target="pocl", quiet=True), llvm)
-        return cache[family]
+            root = tmp_path_factory.mktemp(f"pocl-{family}-{quantization}")
+            pocl = compile_model(folder, root / "pocl", target="pocl", quantization=quantization, quiet=True)
+            if quantization != "none":
+                llvm = compile_model(folder, root / "llvm", quantization=quantization, quiet=True)
+            cache[family, quantization] = (pocl, llvm)
+        return cache[family, quantization]
 
     return get
 
@@ -94,10 +97,15 @@ def test_float16_and_missing_pocl_are_one_line_errors(tiny_models, pocl_models, 
     assert "\n" not in str(e.value)
 
 
+# q4f32_1: 4-bit codes and float32 scales (PoCL has no fp16), stored [out, in], the dequantize fused into the
+# GPU GEMV and prefill GEMM, against the CPU's fused kernels of the same weights
+MODELS = [("llama", "none"), ("qwen2", "none"), ("llama", "q4f32_1")]
+
+
 @needs_pocl
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_prefill_and_greedy_decoding_match_the_llvm_artifact(pocl_models, family):
-    pocl, llvm = (Engine(a) for a in pocl_models(family))
+@pytest.mark.parametrize(("family", "quantization"), MODELS)
+def test_prefill_and_greedy_decoding_match_the_llvm_artifact(pocl_models, family, quantization):
+    pocl, llvm = (Engine(a) for a in pocl_models(family, quantization))
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, TINY_VOCAB, n).tolist() for n in (40, 75)]
     with pocl.prefill(prompts, max_new_tokens=8) as a, llvm.prefill(prompts, max_new_tokens=8) as b:
@@ -107,9 +115,10 @@ def test_prefill_and_greedy_decoding_match_the_llvm_artifact(pocl_models, family
 
 
 @needs_pocl
+@pytest.mark.parametrize("quantization", ["none", "q4f32_1"])
 @pytest.mark.parametrize("draft", ["snapkv", "streamingllm"])
-def test_speculative_decoding_on_pocl_is_lossless(pocl_models, draft):
-    pocl, llvm = (Engine(a) for a in pocl_models("llama"))
+def test_speculative_decoding_on_pocl_is_lossless(pocl_models, draft, quantization):
+    pocl, llvm = (Engine(a) for a in pocl_models("llama", quantization))
     rng = np.random.default_rng(4)
     prompts = [rng.integers(3, TINY_VOCAB, n).tolist() for n in (60, 90)]
     plain = [r.token_ids for r in llvm.generate(prompts, max_new_tokens=10, stop_at_eos=False)]

@@ -306,7 +306,7 @@ class ServingEngine:
         seq = r.seq
         seq.draft_len = len(r.prefix)
         if not seq.output:
-            decoding.append(seq, decoding.choose([seq], logits[None]))
+            decoding.append(seq, decoding.choose(self.engine.target, [seq], logits[None]))
             r.timeline.first_token = time.perf_counter()
         if seq.acceptance is None:  # the policy weighs every running sequence
             curve = self._policy.acceptance_curve if self._policy else prior_curve
