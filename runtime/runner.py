@@ -156,6 +156,11 @@ class ModelRunner:
         out, self.pool_tensor = vm[fn](*args, self.pool_tensor, params)
         return out
 
+    def greedy_step(self, *args) -> np.ndarray:
+        """``forward_device`` and the argmax of every output row on the device: the work of a greedy step,
+        whose token ids alone come to the host (what step timing measures)."""
+        return self.to_host(self.call("argmax", self.forward_device(*args)))
+
     def forward(self, *args, **kwargs) -> np.ndarray:
         """``forward_device``, its output copied to the host."""
         return self.to_host(self.forward_device(*args, **kwargs))

@@ -82,7 +82,7 @@ def step_costs(
     with runner.synthetic_batch(batch, context, slack=gmax + 1) as ids:
         out = {
             "T_AR": median_time(
-                lambda: runner.forward("decode", tokens[:batch], rows, positions, ids), repeats
+                lambda: runner.greedy_step("decode", tokens[:batch], rows, positions, ids), repeats
             ),
             "T_D": {},
             "T_V": {},
@@ -91,12 +91,12 @@ def step_costs(
             for budget in budgets:
                 views = synthetic_draft_args(runner, DraftSettings(kind, budget), context, batch, rng)
                 out["T_D"][f"{kind}/{budget}"] = median_time(
-                    lambda: runner.forward("draft", tokens[:batch], rows, positions, ids, *views), repeats
+                    lambda: runner.greedy_step("draft", tokens[:batch], rows, positions, ids, *views), repeats
                 )
         for g in gammas:
             seq_rows = np.repeat(rows, g + 1)
             pos = (context + np.tile(np.arange(g + 1), batch)).astype(np.int64)
             out["T_V"][g] = median_time(
-                lambda: runner.forward("verify", tokens[: batch * (g + 1)], seq_rows, pos, ids), repeats
+                lambda: runner.greedy_step("verify", tokens[: batch * (g + 1)], seq_rows, pos, ids), repeats
             )
         return out
