@@ -20,7 +20,7 @@ from pocl_kernels import tensor as pocl_tensor
 from mlc_magicdec.compile.attention import PAGE_SIZE
 from mlc_magicdec.compile.targets import host_llvm
 from mlc_magicdec.runtime.runner import query_tiles
-from mlc_magicdec.schedules import AttentionKernels, attention_kernels, cpu_attention
+from mlc_magicdec.schedules import AttentionKernels, attention_kernels, cpu_attention, gpu_attention
 
 HQ, HKV, D, LAYERS = 6, 2, 32, 2
 LAYER = 1
@@ -218,12 +218,13 @@ def test_dense_view_any_group_size(kernels, heads):
 def test_dense_view_with_split_keys(kernels, monkeypatch, min_blocks, new_per_seq):
     """Few items (2 sequences x 2 KV heads): each sequence's keys are split into ranges of ``min_blocks``
     pages (5 or 2 ranges here), merged afterwards. With 5 verify rows, the earliest rows see no key at all of
-    the last range."""
-    if kernels["backend"].kernels.module is not cpu_attention:
-        pytest.skip("the CPU kernels' key splitting (cpu_attention.MIN_SPLIT_BLOCKS)")
-    monkeypatch.setattr(cpu_attention, "MIN_SPLIT_BLOCKS", min_blocks)
-    kv = kernels["kv_dtype"]
-    dense = build(cpu_attention.paged_attention(HQ, HKV, D, PAGE_SIZE, "float32", kv, False))
+    the last range. (CPU kernels: ``MIN_SPLIT_BLOCKS`` key blocks a range; GPU: ``MIN_SPLIT_KEYS`` keys.)"""
+    backend, kv = kernels["backend"], kernels["kv_dtype"]
+    if backend.kernels.module is cpu_attention:
+        monkeypatch.setattr(cpu_attention, "MIN_SPLIT_BLOCKS", min_blocks)
+    else:
+        monkeypatch.setattr(gpu_attention, "MIN_SPLIT_KEYS", min_blocks * PAGE_SIZE)
+    dense = backend.build(backend.kernels.paged_attention(HQ, HKV, D, PAGE_SIZE, "float32", kv, False))
     check_dense(kernels, dense, HQ, [66, 35], new_per_seq, min_blocks)
 
 
