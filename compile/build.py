@@ -263,14 +263,15 @@ def _stored_types(loaded) -> set[str]:
 
 
 def _default_quantization(loaded, preset: TargetPreset, dtype: str) -> str:
-    """What a user wants unless told: on GPUs ``GPU_QUANTIZATION`` for ``dtype`` (a GGUF's Q8_0 blocks, kept
-    as they are, make a GEMV that spills on CUDA, so GPU artifacts re-quantize); on CPUs a quantized GGUF
-    stays quantized (``gguf``) and float weights stay float; PoCL tests float32 weights (``none``)."""
+    """What a user wants unless told: a quantized GGUF stays quantized (``gguf``: its blocks are the model
+    its author shipped; re-quantizing SmolLM2's Q4_1 to q4f16_1 agrees with it on 57% of top-1 tokens);
+    float weights become ``GPU_QUANTIZATION[dtype]`` on GPUs and stay float on CPUs; PoCL tests float32
+    weights (``none``)."""
     if preset.codegen is not None:
         return "none"
-    if preset.schedules in GPU_TARGETS:
-        return GPU_QUANTIZATION[dtype]
-    return "gguf" if _stored_types(loaded) - set(FLOAT_TYPES) else "none"
+    if _stored_types(loaded) - set(FLOAT_TYPES):
+        return "gguf"
+    return GPU_QUANTIZATION[dtype] if preset.schedules in GPU_TARGETS else "none"
 
 
 def _quantization_formats(loaded, preset: TargetPreset, quantization: str, quiet: bool) -> dict:

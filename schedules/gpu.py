@@ -171,9 +171,57 @@ def prefix_kernels(prefix: str) -> tvm.transform.Pass:
     return _prefix
 
 
+class UnrolledGEMV(dl.gpu.LowBatchGEMV):
+    """dlight's ``LowBatchGEMV`` with its write-back loops unrolled.
+
+    The write-back copies the merged sums out, one padded row and output per iteration of serial loops that
+    sit between the block and thread bindings, indexing the thread's sums by the loop variables. Left
+    rolled, nvcc's sm_89 code keeps those sums in local memory (a 16-byte spill in the Q4_1 GEMV);
+    unrolled, every index is a constant and they stay in registers. The cross-thread merge's own loops
+    stay rolled: TVM's ``LowerThreadAllreduce`` cannot lower an unrolled copy of one reduction.
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        sch = super().apply(func, target, tunable)
+        if sch is None:
+            return None
+        for block in _blocks(sch, sch.get_sblock("root")):
+            if any(v.iter_type == tirx.IterVar.CommReduce for v in sch.get(block).iter_vars):
+                continue
+            for loop in _between_bindings(sch, sch.get_loops(block)):
+                sch.unroll(loop)
+        return sch
+
+
+def _blocks(sch, parent) -> list:
+    """Every block under ``parent``, depth first."""
+    found = []
+    for child in sch.get_child_blocks(parent):
+        found += [child, *_blocks(sch, child)]
+    return found
+
+
+def _between_bindings(sch, loops: list) -> list:
+    """The serial loops of constant extent that sit inside a ``blockIdx`` loop and outside every
+    ``threadIdx`` loop of one loop nest."""
+    tags = [
+        sch.get(loop).thread_binding.thread_tag if sch.get(loop).thread_binding is not None else ""
+        for loop in loops
+    ]
+    inner_block = max((i for i, tag in enumerate(tags) if tag.startswith("blockIdx")), default=None)
+    first_thread = next((i for i, tag in enumerate(tags) if tag.startswith("threadIdx")), len(loops))
+    if inner_block is None:
+        return []
+    return [
+        loop
+        for loop in loops[inner_block + 1 : first_thread]
+        if sch.get(loop).kind == tirx.ForKind.SERIAL and isinstance(sch.get(loop).extent, tirx.IntImm)
+    ]
+
+
 def rules() -> list[ScheduleRule]:
     return [
-        dl.gpu.LowBatchGEMV(GEMV_BUCKET),
+        UnrolledGEMV(GEMV_BUCKET),
         dl.gpu.GEMV(),
         dl.gpu.Reduction(),
         dl.gpu.GeneralReduction(),

@@ -241,22 +241,30 @@ def test_dtype_overrides_the_gpu_default(tiny_models, tmp_path, quantization, st
     assert all(f"{k}_kernel".encode() in elf for names in kernel_names(config).values() for k in names)
 
 
-def test_gpu_artifacts_default_to_4_bit_weights_stored_out_in(cuda_artifact):
-    """A GPU target quantizes to q4f16_1 unless told (the GGUF's Q4_1 re-quantized), with fp16 scales and KV,
-    each linear stored ``[out, in]`` (codes ``[out, in / 8]``) for dlight's inner-reduction GEMV, which
-    fuses the dequantize."""
+def test_gpu_artifacts_keep_the_gguf_blocks_stored_out_in(cuda_artifact):
+    """A quantized GGUF stays quantized on a GPU target unless told: SmolLM2's Q4_1 blocks (and its Q8_0
+    lm_head) are kept, with fp16 KV, each linear stored ``[out, in]`` (codes ``[out, in / 8]``) for dlight's
+    inner-reduction GEMV, which fuses the dequantize."""
     path, _ = cuda_artifact
     config = _config(path)
-    assert config["quantization"] == "q4f16_1" and config["kv_dtype"] == "float16"
+    assert config["quantization"] == "gguf" and config["kv_dtype"] == "float16"
     records = {
         r["name"]: r for shard in json.loads((path / "tensor-cache.json").read_text())["records"]
         for r in shard["records"]
     }
     hidden, inter = config["model"]["hidden_size"], config["model"]["intermediate_size"]
     assert records["layers.0.mlp.down_proj.codes"]["shape"] == [hidden, inter // 8]
-    assert records["layers.0.mlp.down_proj.scale"]["shape"] == [hidden, inter // 32]
-    assert records["layers.0.mlp.down_proj.codes"]["quantization"]["format"] == "q4f16_1"
+    assert records["layers.0.mlp.down_proj.min"]["shape"] == [hidden, inter // 32]
+    assert records["layers.0.mlp.down_proj.codes"]["quantization"]["format"] == "Q4_1"
+    assert records["lm_head.codes"]["quantization"]["format"] == "Q8_0"
     assert any("dequantize" in k and "NT_matmul" in k for k in config["kernels"]["decode"])
+
+
+def test_gpu_targets_quantize_float_weights_to_4_bits(tiny_models, tmp_path):
+    """Float weights on a GPU target become q4f16_1 unless told (MLC-LLM's default), with fp16 KV."""
+    folder, _, _ = tiny_models("llama")
+    config = _config(compile_model(folder, tmp_path / "tiny-cuda", target="cuda", quiet=True))
+    assert config["quantization"] == "q4f16_1" and config["kv_dtype"] == "float16"
 
 
 def test_the_cuda_library_is_self_contained(cuda_artifact):
