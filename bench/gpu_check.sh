@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check (issues #4, #15): on a machine with an NVIDIA GPU, in under 8 minutes,
-#   1. compile SmolLM2-135M for this GPU (--target cuda detects the arch; q4f16_1 weights, fp16 KV) and print the
+#   1. compile SmolLM2-135M for this GPU (--target cuda detects the arch; its GGUF blocks, fp16 KV) and print the
 #      kernels' registers, shared memory and spills,
 #   2. run the lossless tests on CUDA (the SmolLM2 test artifact is compiled for cuda and runs on cuda:0),
 #   3. a MagicDec benchmark, plain against fixed settings: batch 1, 8, 32, 64, 128 at 4k and 8k context, fp16,
@@ -18,9 +18,13 @@ if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
   echo "gpu_check: no NVIDIA GPU here (nvidia-smi finds none); run this on a machine with one" >&2
   exit 2
 fi
+# The apache-tvm wheel's CUDA runtime is a sidecar library (tvm/lib/libtvm_runtime_cuda.so) that `import tvm`
+# loads when the NVIDIA driver (libcuda.so.1) and CUDA 13's runtime (libcudart.so.13) are on the loader path.
 if ! $python -c 'import sys, tvm; sys.exit(not tvm.runtime.enabled("cuda"))'; then
-  echo "gpu_check: this TVM has no CUDA runtime (the PyPI apache-tvm wheel ships none); install a TVM built" \
-    "with USE_CUDA=ON (e.g. MLC-LLM's CUDA wheels) to run CUDA artifacts" >&2
+  sidecar=$($python -c 'import pathlib, tvm; print(pathlib.Path(tvm.__file__).parent / "lib/libtvm_runtime_cuda.so")')
+  missing=$(ldd "$sidecar" 2>/dev/null | awk '/not found/ && !/libtvm_ffi/ {print $1}' | tr '\n' ' ')
+  echo "gpu_check: TVM's CUDA runtime ($sidecar) did not load (missing: ${missing:-none that ldd names});" \
+    "put the NVIDIA driver's libcuda.so.1 and CUDA 13's libcudart.so.13 on LD_LIBRARY_PATH" >&2
   exit 2
 fi
 exec > >(tee "$out/gpu_check.log") 2>&1

@@ -2,15 +2,17 @@
 
 Each system runs in a fresh interpreter (``multiprocessing`` "spawn"), loads its model, prefills ``batch``
 prompts and decodes ``new_tokens`` greedy tokens of each; its figure is that process's peak resident set
-(``VmHWM``: weights, KV cache, activations and the runtime itself). Ours prefills every prompt; llama.cpp
-prefills the first and copies its KV into every sequence's stream (``llamacpp.PlainDecoder``), which holds
-the same number of KV entries. Sizes on disk: the artifact folder and the GGUF it was compiled from.
+(``VmHWM``: weights, KV cache, activations and the runtime itself; ours without torch, which the runtime
+does not depend on: ``_as_installed``). Ours prefills every prompt; llama.cpp prefills the first and copies
+its KV into every sequence's stream (``llamacpp.PlainDecoder``), which holds the same number of KV
+entries. Sizes on disk: the artifact folder and the GGUF it was compiled from.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import resource
+import sys
 from pathlib import Path
 
 from . import llamacpp
@@ -40,7 +42,15 @@ def folder_bytes(path: Path) -> int:
     )
 
 
+def _as_installed() -> None:
+    """Make ``import torch`` fail in this process, as it does where only the runtime is installed: tvm_ffi
+    imports torch whenever it can (here the test extras install it), about 200 MB that no code of ours
+    uses. (The serving runtime never needs torch; ``transformers`` is a peer, not a dependency.)"""
+    sys.modules["torch"] = None
+
+
 def _ours(artifact: str, threads: int, prompts: list[list[int]], new_tokens: int) -> int:
+    _as_installed()
     from ..runtime.engine import Engine
 
     engine = Engine(artifact, threads=threads)

@@ -32,7 +32,7 @@ from tvm.target import Target
 
 from .attention import PAGE_SIZE, AttentionBatch, SparseView, append_kv, attention, attention_scores
 from .config import ModelConfig
-from .quantization import GroupFormat, dequantize
+from .quantization import GroupFormat, dequantize, dequantize_columns
 from .targets import linears_out_in
 
 Formats = Mapping[str, GroupFormat]  # linear name ("layers.0.mlp.down_proj", "lm_head") -> its format
@@ -61,6 +61,11 @@ def take_rows(x: Tensor, rows: Tensor) -> Tensor:
     """``x[rows]``. The host validates every index first (token ids, logit rows); the gather still clamps
     them (TVM's "clip" mode, one min/max per row) rather than read out of bounds on a bad one."""
     return nn.op.wrap_nested(relax.op.take(x._expr, rows._expr, axis=0, mode="clip"), name="take")
+
+
+def take_columns(x: Tensor, columns: Tensor) -> Tensor:
+    """``x[:, columns]``, clamped as ``take_rows`` is."""
+    return nn.op.wrap_nested(relax.op.take(x._expr, columns._expr, axis=1, mode="clip"), name="take")
 
 
 def apply_rope(qkv: Tensor, positions: Tensor, inv_freq: Tensor, num_rotated_heads: int) -> Tensor:
@@ -117,6 +122,14 @@ class Linear(nn.Module):
             w = op.permute_dims(w)  # fused into the matmul: one kernel reading W along its rows
         y = op.matmul(x, w)
         return y + self.bias if self.bias is not None else y
+
+    def columns(self, ids: Tensor, dtype: str) -> Tensor:
+        """``W[:, ids].T``, ``[len(ids), in_features]`` in ``dtype``: the embedding rows of a tied lm_head."""
+        if self.fmt is not None:
+            min_ = getattr(self, "min", None)
+            return dequantize_columns(self.codes, self.scale, min_, ids, self.fmt, dtype, self.out_in)
+        rows = take_rows(self.weight, ids) if self.out_in else op.permute_dims(take_columns(self.weight, ids))
+        return rows if rows.dtype == dtype else rows.astype(dtype)
 
 
 class Linears:
@@ -176,7 +189,8 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """The whole decoder; ``lm_head`` is its own (transposed) parameter even when embeddings are tied.
+    """The whole decoder. With tied embeddings the table is stored once, as ``lm_head`` (``embed`` reads its
+    columns, dequantizing them if it is quantized).
     ``formats`` names the linears that are group-quantized (see ``quantization``); the rest are float."""
 
     def __init__(
@@ -189,7 +203,8 @@ class LlamaModel(nn.Module):
     ):
         self.cfg, self.target, self.dtype, self.kv_dtype = cfg, target, dtype, kv_dtype or dtype
         linear = Linears(formats or {}, linears_out_in(target))
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # a tied embedding table is the lm_head's weight: stored once, read through ``Linear.columns``
+        self.embed_tokens = None if cfg.tie_word_embeddings else nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             [DecoderLayer(cfg, f"layers.{i}.", linear) for i in range(cfg.num_layers)]
         )
@@ -208,6 +223,8 @@ class LlamaModel(nn.Module):
         return logits if logits.dtype == "float32" else logits.astype("float32")
 
     def embed(self, input_ids: Tensor) -> Tensor:
+        if self.embed_tokens is None:
+            return self.lm_head.columns(input_ids, self.dtype)
         return take_rows(self.embed_tokens.weight, input_ids)
 
     def prefill(self, embeds, token_slots, token_seq, token_pos, page_table, query_tiles, logit_rows, pool):

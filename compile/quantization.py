@@ -153,29 +153,63 @@ def quantize(w: np.ndarray, fmt: GroupFormat) -> QuantizedWeight:
     return QuantizedWeight(fmt, q.astype(np.uint8).reshape(out_features, in_features), scale)
 
 
+def _weight(fmt: GroupFormat, out_in: bool, c, s, m: tuple):
+    """``w(k, n)``: weight ``[k, n]`` (input ``k``, output ``n``) in float32, read from the te tensors of a
+    quantized linear (codes ``c``, scales ``s``, and ``m`` holding the mins if the format has them)."""
+    from tvm import tirx
+
+    per_word, mask = fmt.codes_per_word, (1 << fmt.bits) - 1
+    at = (lambda a, i, n: a[n, i]) if out_in else (lambda a, i, n: a[i, n])  # noqa: E731
+
+    def w(k, n):
+        shift = tirx.Cast(CODE_DTYPE, (k % per_word) * fmt.bits)
+        code = (at(c, k // per_word, n) >> shift) & tirx.const(mask, CODE_DTYPE)
+        value = at(s, k // GROUP_SIZE, n).astype("float32") * (code.astype("float32") - float(fmt.zero))
+        return value + at(m[0], k // GROUP_SIZE, n).astype("float32") if m else value
+
+    return w
+
+
+def _tensors(codes, scale, min_) -> list:
+    return [codes, scale] + ([min_] if min_ is not None else [])
+
+
 def dequantize(codes, scale, min_, fmt: GroupFormat, dtype: str, out_in: bool = False):
     """The ``[in, out]`` weight in ``dtype`` (``[out, in]`` with ``out_in``), from a quantized linear's
     tensors (``nn`` Tensors); computed in float32 (exact for the GGUF formats), fused into its matmul."""
+    from tvm import te
+    from tvm.relax.frontend.nn import op
+
+    per_word = fmt.codes_per_word
+
+    def compute(c: te.Tensor, s: te.Tensor, *m: te.Tensor) -> te.Tensor:
+        w = _weight(fmt, out_in, c, s, m)
+        if out_in:
+            shape = (c.shape[0], c.shape[1] * per_word)
+            return te.compute(shape, lambda n, k: w(k, n).astype(dtype), name="dequantize")
+        shape = (c.shape[0] * per_word, c.shape[1])
+        return te.compute(shape, lambda k, n: w(k, n).astype(dtype), name="dequantize")
+
+    return op.tensor_expr_op(compute, "dequantize", args=_tensors(codes, scale, min_))
+
+
+def dequantize_columns(codes, scale, min_, columns, fmt: GroupFormat, dtype: str, out_in: bool = False):
+    """``W[:, columns].T`` in ``dtype``, ``[len(columns), in]``: the rows of the embedding table that a tied
+    lm_head stores. ``columns`` (int32) are clamped into range, as ``take``'s "clip" mode does."""
     from tvm import te, tirx
     from tvm.relax.frontend.nn import op
 
-    per_word, mask = fmt.codes_per_word, (1 << fmt.bits) - 1
+    per_word = fmt.codes_per_word
 
-    def compute(c: te.Tensor, s: te.Tensor, *m: te.Tensor) -> te.Tensor:
-        def w(k, n):
-            at = (lambda a, i: a[n, i]) if out_in else (lambda a, i: a[i, n])  # noqa: E731
-            shift = tirx.Cast(CODE_DTYPE, (k % per_word) * fmt.bits)
-            code = (at(c, k // per_word) >> shift) & tirx.const(mask, CODE_DTYPE)
-            value = at(s, k // GROUP_SIZE).astype("float32") * (code.astype("float32") - float(fmt.zero))
-            if m:
-                value = value + at(m[0], k // GROUP_SIZE).astype("float32")
-            return value.astype(dtype)
+    def compute(c: te.Tensor, s: te.Tensor, cols: te.Tensor, *m: te.Tensor) -> te.Tensor:
+        w = _weight(fmt, out_in, c, s, m)
+        words, outputs = (c.shape[1], c.shape[0]) if out_in else (c.shape[0], c.shape[1])
 
-        if out_in:
-            return te.compute(
-                (c.shape[0], c.shape[1] * per_word), lambda n, k: w(k, n), name="dequantize"
-            )
-        return te.compute((c.shape[0] * per_word, c.shape[1]), w, name="dequantize")
+        def row(t, k):
+            n = tirx.max(tirx.min(cols[t].astype("int64"), outputs - 1), 0)
+            return w(k, n).astype(dtype)
 
-    args = [codes, scale] + ([min_] if min_ is not None else [])
-    return op.tensor_expr_op(compute, "dequantize", args=args)
+        return te.compute((cols.shape[0], words * per_word), row, name="dequantize_columns")
+
+    args = [codes, scale, columns] + ([min_] if min_ is not None else [])
+    return op.tensor_expr_op(compute, "dequantize_columns", args=args)
