@@ -2,10 +2,11 @@
 
 Each system runs in a fresh interpreter (``multiprocessing`` "spawn"), loads its model, prefills ``batch``
 prompts and decodes ``new_tokens`` greedy tokens of each; its figure is that process's peak resident set
-(``VmHWM``: weights, KV cache, activations and the runtime itself; ours without torch, which the runtime
-does not depend on: ``_as_installed``). Ours prefills every prompt; llama.cpp prefills the first and copies
-its KV into every sequence's stream (``llamacpp.PlainDecoder``), which holds the same number of KV
-entries. Sizes on disk: the artifact folder and the GGUF it was compiled from.
+(``VmHWM``: weights, KV cache, activations and the runtime itself). Ours loads TVM as ``serve`` does, without
+its compiler, and without torch, which the runtime does not depend on (``_as_served``). Ours prefills every
+prompt; llama.cpp prefills the first and copies its KV into every sequence's stream
+(``llamacpp.PlainDecoder``), which holds the same number of KV entries. Sizes on disk: the artifact folder
+and the GGUF it was compiled from.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import resource
 import sys
 from pathlib import Path
 
+from ..tvm_loading import runtime_only
 from . import llamacpp
 
 KIB = 1024
@@ -42,15 +44,16 @@ def folder_bytes(path: Path) -> int:
     )
 
 
-def _as_installed() -> None:
-    """Make ``import torch`` fail in this process, as it does where only the runtime is installed: tvm_ffi
-    imports torch whenever it can (here the test extras install it), about 200 MB that no code of ours
-    uses. (The serving runtime never needs torch; ``transformers`` is a peer, not a dependency.)"""
+def _as_served() -> None:
+    """Load TVM as ``serve`` does (its runtime alone), and make ``import torch`` fail, as it does where only
+    the runtime is installed: tvm_ffi imports torch whenever it can (here the test extras install it), about
+    200 MB that no code of ours uses (``transformers`` is a peer, not a dependency)."""
+    runtime_only()
     sys.modules["torch"] = None
 
 
 def _ours(artifact: str, threads: int, prompts: list[list[int]], new_tokens: int) -> int:
-    _as_installed()
+    _as_served()
     from ..runtime.engine import Engine
 
     engine = Engine(artifact, threads=threads)

@@ -170,10 +170,6 @@ def _weight(fmt: GroupFormat, out_in: bool, c, s, m: tuple):
     return w
 
 
-def _tensors(codes, scale, min_) -> list:
-    return [codes, scale] + ([min_] if min_ is not None else [])
-
-
 def dequantize(codes, scale, min_, fmt: GroupFormat, dtype: str, out_in: bool = False):
     """The ``[in, out]`` weight in ``dtype`` (``[out, in]`` with ``out_in``), from a quantized linear's
     tensors (``nn`` Tensors); computed in float32 (exact for the GGUF formats), fused into its matmul."""
@@ -190,7 +186,8 @@ def dequantize(codes, scale, min_, fmt: GroupFormat, dtype: str, out_in: bool = 
         shape = (c.shape[0] * per_word, c.shape[1])
         return te.compute(shape, lambda k, n: w(k, n).astype(dtype), name="dequantize")
 
-    return op.tensor_expr_op(compute, "dequantize", args=_tensors(codes, scale, min_))
+    args = [codes, scale] + ([min_] if min_ is not None else [])
+    return op.tensor_expr_op(compute, "dequantize", args=args)
 
 
 def dequantize_columns(codes, scale, min_, columns, fmt: GroupFormat, dtype: str, out_in: bool = False):

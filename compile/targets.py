@@ -176,15 +176,3 @@ def _gpu_host() -> dict:
     from tvm.target import codegen
 
     return {"kind": "llvm", "mtriple": codegen.llvm_get_system_triple().replace("-conda-", "-unknown-")}
-
-
-def device_from_string(device: str) -> tvm.runtime.Device:
-    """``"cpu"`` / ``"cuda:0"`` to a TVM device; raises TargetError if it is not present here."""
-    kind, _, index = device.partition(":")
-    dev = tvm.runtime.device(kind, int(index or 0))
-    if not dev.exist:
-        raise TargetError(
-            f"this artifact runs on {device}, which this machine does not have; "
-            f"compile it again with --target llvm to run on the CPU"
-        )
-    return dev

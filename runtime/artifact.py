@@ -8,13 +8,12 @@ from pathlib import Path
 
 import tvm
 from tokenizers import Tokenizer
-from tvm import relax
 from tvm.contrib import tvmjs
+from tvm.runtime.vm import VirtualMachine
 
 from ..compile.config import ModelConfig
-from ..compile.targets import TargetError, device_from_string
 from ..constants import DTYPE_BYTES
-from ..errors import UserError, one_line
+from ..errors import TargetError, UserError, one_line
 from ..hashing import file_sha256
 from ..manifest import CONFIG_NAME, WEIGHTS_NAME, Manifest, ManifestError, stored_weight_bytes
 from . import costmodel as cm
@@ -23,6 +22,18 @@ from . import opencl
 
 class ArtifactError(UserError, ValueError):
     """An artifact folder that cannot be used; the message is one line and says what to do."""
+
+
+def device_from_string(device: str) -> tvm.runtime.Device:
+    """``"cpu"`` / ``"cuda:0"`` to a TVM device; raises TargetError if it is not present here."""
+    kind, _, index = device.partition(":")
+    dev = tvm.runtime.device(kind, int(index or 0))
+    if not dev.exist:
+        raise TargetError(
+            f"this artifact runs on {device}, which this machine does not have; "
+            f"compile it again with --target llvm to run on the CPU"
+        )
+    return dev
 
 
 def _check_shards(path: Path) -> None:
@@ -45,7 +56,7 @@ class Artifact:
     config: Manifest
     model: ModelConfig
     device: tvm.runtime.Device
-    vm: relax.VirtualMachine
+    vm: VirtualMachine
     params: list[tvm.runtime.Tensor]
     tokenizer: Tokenizer
 
@@ -111,7 +122,7 @@ class Artifact:
         except TargetError as e:
             raise ArtifactError(str(e)) from None
         try:
-            vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), device)
+            vm = VirtualMachine(tvm.runtime.load_module(str(library)), device)
             cache, _ = tvmjs.load_tensor_cache(str(path), device)
             params = [cache[name] for name in config.param_names]
         except KeyError as e:

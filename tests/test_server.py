@@ -5,9 +5,14 @@ decoding of the same prompt, and transformers' own rendering of the chat templat
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx2 as httpx
 import pytest
@@ -18,6 +23,7 @@ from mlc_magicdec.interface.serve import BackgroundServer
 from mlc_magicdec.runtime.engine import Engine
 from mlc_magicdec.runtime.serving import ServeConfig
 from mlc_magicdec.runtime.serving.async_engine import AsyncEngine
+from mlc_magicdec.tvm_loading import COMPILER_LIBRARY, RUNTIME_ONLY_ENV
 
 # a ChatML-style template that uses the special tokens and a loop variable, as real ones do
 TEMPLATE = (
@@ -357,3 +363,38 @@ def test_the_load_benchmark_soaks_the_server_without_losing_a_request(chat_artif
     assert out["preemptions_total"] > 0 and out["health_after"] == 200
     assert json.loads((tmp_path / "load.json").read_text())["runs"][1]["mode"] == "on"
     assert (tmp_path / "load.png").stat().st_size > 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_serve_command_runs_on_tvms_runtime_alone(chat_artifact, plain):
+    """``mlc-magicdec serve`` in its own process loads TVM's runtime library without the compiler
+    (``tvm_loading.runtime_only``: about 110 MB less resident) and answers as plain greedy decoding does."""
+    port = _free_port()
+    command = [sys.executable, "-m", "mlc_magicdec.cli", "serve", str(chat_artifact), "--port", str(port)]
+    env = {k: v for k, v in os.environ.items() if k != RUNTIME_ONLY_ENV}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stderr.read().decode()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up in 120 s"
+            time.sleep(0.5)
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        r = client.completions.create(model="tiny", prompt="abc def ghi", max_tokens=12, **GREEDY)
+        assert r.choices[0].text == plain("abc def ghi", 12).text
+        maps = Path(f"/proc/{process.pid}/maps").read_text()
+        assert "libtvm_runtime.so" in maps and COMPILER_LIBRARY not in maps
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -30,6 +30,9 @@ def serve_cmd(
     artifact: Path, host: str, port: int, draft_model: Path | None, threads: int | None, **config
 ) -> None:
     """Serve the compiled ARTIFACT with an OpenAI-compatible API (completions and chat, streaming)."""
+    from ..tvm_loading import runtime_only
+
+    runtime_only()
     from ..interface.serve import serve
     from ..runtime.serving import ServeConfig
 
