@@ -44,16 +44,16 @@ def folder_bytes(path: Path) -> int:
     )
 
 
-def _as_served() -> None:
-    """Load TVM as ``serve`` does (its runtime alone), and make ``import torch`` fail, as it does where only
-    the runtime is installed: tvm_ffi imports torch whenever it can (here the test extras install it), about
-    200 MB that no code of ours uses (``transformers`` is a peer, not a dependency)."""
-    runtime_only()
+def _as_served(artifact: str) -> None:
+    """Load TVM as ``serve`` does (its runtime alone for a CPU artifact), and make ``import torch`` fail, as
+    it does where only the runtime is installed: tvm_ffi imports torch whenever it can (here the test extras
+    install it), about 200 MB that no code of ours uses (``transformers`` is a peer, not a dependency)."""
+    runtime_only([Path(artifact)])
     sys.modules["torch"] = None
 
 
 def _ours(artifact: str, threads: int, prompts: list[list[int]], new_tokens: int) -> int:
-    _as_served()
+    _as_served(artifact)
     from ..runtime.engine import Engine
 
     engine = Engine(artifact, threads=threads)

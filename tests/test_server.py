@@ -18,8 +18,10 @@ import httpx2 as httpx
 import pytest
 from openai import OpenAI
 
+from mlc_magicdec import tvm_loading
 from mlc_magicdec.compile.build import compile_model
 from mlc_magicdec.interface.serve import BackgroundServer
+from mlc_magicdec.manifest import CONFIG_NAME
 from mlc_magicdec.runtime.engine import Engine
 from mlc_magicdec.runtime.serving import ServeConfig
 from mlc_magicdec.runtime.serving.async_engine import AsyncEngine
@@ -398,3 +400,21 @@ def test_the_serve_command_runs_on_tvms_runtime_alone(chat_artifact, plain):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_the_runtime_alone_is_for_cpu_artifacts(chat_artifact, tmp_path, monkeypatch):
+    """TVM's runtime-only mode loads no device backend, so ``runtime_only`` takes it only when every
+    artifact runs on the CPU; a GPU artifact (here the same one, its config moved to cuda:0) or a folder that
+    is no artifact keeps the whole of TVM."""
+    gpu = tmp_path / "gpu"
+    shutil.copytree(chat_artifact, gpu)
+    config = json.loads((gpu / CONFIG_NAME).read_text())
+    config["target"]["device"] = "cuda:0"
+    (gpu / CONFIG_NAME).write_text(json.dumps(config))
+    assert tvm_loading.runs_on_cpu(chat_artifact)
+    assert not tvm_loading.runs_on_cpu(gpu) and not tvm_loading.runs_on_cpu(tmp_path)
+    monkeypatch.delitem(sys.modules, "tvm")  # as in a fresh process (restored after the test)
+    for artifacts, runtime_alone in (([chat_artifact], True), ([chat_artifact, gpu], False)):
+        monkeypatch.delenv(RUNTIME_ONLY_ENV, raising=False)
+        tvm_loading.runtime_only(artifacts)
+        assert (os.environ.get(RUNTIME_ONLY_ENV) == "1") == runtime_alone

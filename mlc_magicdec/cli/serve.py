@@ -32,7 +32,7 @@ def serve_cmd(
     """Serve the compiled ARTIFACT with an OpenAI-compatible API (completions and chat, streaming)."""
     from ..tvm_loading import runtime_only
 
-    runtime_only()
+    runtime_only([artifact, *([draft_model] if draft_model else [])])
     from ..interface.serve import serve
     from ..runtime.serving import ServeConfig
 
