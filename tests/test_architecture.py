@@ -11,7 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("compile", "schedules", "runtime", "bench")  # folders mapped onto mlc_magicdec.<name>
-SHARED = ("constants", "errors", "fileio", "hashing", "manifest", "texts")  # TVM-free modules
+SHARED = ("constants", "errors", "fileio", "hashing", "manifest", "texts", "tvm_loading")  # TVM-free modules
 # what each layer may import, besides itself and the shared modules
 ALLOWED = {
     "shared": set(),
