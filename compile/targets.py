@@ -13,7 +13,7 @@ import re
 import tvm
 from tvm.target import Target
 
-from ..constants import GPU_TARGETS
+from ..constants import CPU_DEVICE, GPU_TARGETS
 from ..errors import TargetError
 from ..schedules.gpu_attention import CUDA_STATIC_SHARED
 
@@ -109,7 +109,7 @@ def resolve(
     if arch is not None and kind != "cuda":
         raise TargetError(f"--arch applies to --target cuda only, not to --target {kind}")
     if kind == "llvm":
-        return TargetPreset("llvm", host_llvm(cpu), "cpu", "float32")
+        return TargetPreset("llvm", host_llvm(cpu), CPU_DEVICE, "float32")
     if cpu is not None and kind in (*GPU_TARGETS, POCL):
         raise TargetError(f"--cpu applies to --target llvm only, not to --target {kind}")
     if kind == "cuda":

@@ -14,6 +14,7 @@ KV_TENSORS = 2  # keys and values
 DRAFT_KINDS = ("streamingllm", "snapkv")  # the compressed views a self-draft attends through
 DEFAULT_DRAFT = "snapkv"  # the view used when neither the caller nor the artifact names one
 GPU_TARGETS = ("cuda", "metal", "vulkan")
+CPU_DEVICE = "cpu"  # the device string of an artifact that runs on the CPU's own (llvm) kernels
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 DTYPES = ("float32", "float16")  # what an artifact's activations and its KV pool can be compiled to
 # how an artifact stores its linear weights: float, a group-quantization scheme, or a GGUF file's own blocks

@@ -8,11 +8,11 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from .constants import CPU_DEVICE
 from .manifest import Manifest, ManifestError
 
 RUNTIME_ONLY_ENV = "TVM_USE_RUNTIME_LIB"  # TVM's switch: "1" makes `import tvm` load libtvm_runtime alone
 COMPILER_LIBRARY = "libtvm_compiler.so"
-CPU_DEVICE = "cpu"
 
 
 def runs_on_cpu(artifact: Path) -> bool:
